@@ -1,0 +1,37 @@
+"""The one interface every teacher backend implements (in-process now, HTTP later)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from b2kd.blackbox.responses import ResponseKind
+
+
+@dataclass
+class BackendAnswer:
+    """What one call to a backend returned: API-form rows and the bytes each way."""
+
+    responses: torch.Tensor  # (N, K) float32, API form
+    bytes_sent: list[int]  # per image
+    bytes_received: list[int]  # per image
+
+
+class Backend(Protocol):
+    """A teacher reachable only by sending uint8 images."""
+
+    kind: ResponseKind
+    num_classes: int
+    image_shape: tuple[int, int, int]  # (C, H, W) the API accepts
+
+    def infer(self, images: torch.Tensor) -> BackendAnswer: ...
+
+
+class BlackBoxError(Exception):
+    """A query that cannot be made (budget, shape, server refusal); nothing paid is lost."""
+
+
+class BudgetExceeded(BlackBoxError):
+    """The query would spend more than the budget allows; nothing was sent."""

@@ -1,0 +1,150 @@
+"""The query ledger: an SQLite record of every image sent to the teacher.
+
+One row per paid query: the image's hash, the bytes that travelled each way,
+the response in API form and, unless switched off, the image itself. The
+ledger doubles as the response cache (a repeated image costs nothing) and as
+the evidence that no private image ever left the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS queries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    hash TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    bytes_sent INTEGER NOT NULL,
+    bytes_received INTEGER NOT NULL,
+    response BLOB NOT NULL,
+    image BLOB,
+    shape TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    created REAL NOT NULL,
+    UNIQUE (hash, kind)
+);
+"""
+
+
+def image_hashes(images: torch.Tensor) -> list[str]:
+    """sha256 of each uint8 image's shape and bytes: the identity of what is sent."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"images must be uint8 (what goes on the wire), got {images.dtype}")
+    arr = np.ascontiguousarray(images.cpu().numpy())
+    shape = "x".join(str(d) for d in arr.shape[1:]).encode()
+    return [hashlib.sha256(shape + b":" + row.tobytes()).hexdigest() for row in arr]
+
+
+class Ledger:
+    """Append-only record of paid queries in ``path`` (created if missing)."""
+
+    def __init__(self, path: str | Path, keep_images: bool = True):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.keep_images = keep_images
+        self._db = sqlite3.connect(self.path, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def lookup(self, hashes: list[str], kind: str) -> dict[str, torch.Tensor]:
+        """Cached responses for the hashes already paid for with this response kind."""
+        found: dict[str, torch.Tensor] = {}
+        unique = list(dict.fromkeys(hashes))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                f"SELECT hash, response FROM queries WHERE kind = ? AND hash IN ({marks})",
+                [kind, *chunk],
+            )
+            for h, blob in rows:
+                found[h] = torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy())
+        return found
+
+    def record(
+        self,
+        hashes: list[str],
+        images: torch.Tensor,
+        responses: torch.Tensor,
+        kind: str,
+        bytes_sent: list[int],
+        bytes_received: list[int],
+        stage: str,
+    ) -> None:
+        """Store one paid batch in a single transaction (all rows or none)."""
+        now = time.time()
+        shape = "x".join(str(d) for d in images.shape[1:])
+        imgs = images.cpu().numpy()
+        resp = responses.detach().float().cpu().numpy()
+        rows = [
+            (
+                h,
+                kind,
+                int(bytes_sent[i]),
+                int(bytes_received[i]),
+                resp[i].tobytes(),
+                imgs[i].tobytes() if self.keep_images else None,
+                shape,
+                stage,
+                now,
+            )
+            for i, h in enumerate(hashes)
+        ]
+        with self._db:
+            self._db.executemany(
+                "INSERT OR IGNORE INTO queries (hash, kind, bytes_sent, bytes_received, response,"
+                " image, shape, stage, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    def count(self, stage: str | None = None) -> int:
+        """Paid queries, optionally of one stage."""
+        return self.totals(stage)["queries"]
+
+    def totals(self, stage: str | None = None) -> dict[str, int]:
+        where, args = ("WHERE stage = ?", [stage]) if stage else ("", [])
+        q, sent, recv = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(bytes_sent), 0), COALESCE(SUM(bytes_received), 0)"
+            f" FROM queries {where}",
+            args,
+        ).fetchone()
+        return {"queries": q, "bytes_sent": sent, "bytes_received": recv}
+
+    def sent_hashes(self) -> set[str]:
+        return {h for (h,) in self._db.execute("SELECT hash FROM queries")}
+
+    def images(self) -> tuple[list[str], torch.Tensor | None]:
+        """Hashes and images kept in the ledger (None when images were not kept)."""
+        rows = self._db.execute(
+            "SELECT hash, image, shape FROM queries WHERE image IS NOT NULL ORDER BY id"
+        ).fetchall()
+        if not rows:
+            return [], None
+        shape = tuple(int(d) for d in rows[0][2].split("x"))
+        arr = np.stack([np.frombuffer(r[1], dtype=np.uint8).reshape(shape) for r in rows])
+        return [r[0] for r in rows], torch.from_numpy(arr)
+
+    def private_images_sent(self, private_images: torch.Tensor, batch: int = 4096) -> int:
+        """How many of the given private images appear in the ledger (by exact bytes)."""
+        sent = self.sent_hashes()
+        hits = 0
+        for start in range(0, len(private_images), batch):
+            hits += sum(h in sent for h in image_hashes(private_images[start : start + batch]))
+        return hits

@@ -1,0 +1,48 @@
+"""In-process teacher backend: a checkpoint answered as an API would answer it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from b2kd.blackbox.base import BackendAnswer, BlackBoxError
+from b2kd.blackbox.responses import ResponseKind
+
+
+class LocalBackend:
+    """Runs the teacher model locally but exposes only what the API would return."""
+
+    def __init__(self, model: torch.nn.Module, kind: ResponseKind | str = "soft", batch_size: int = 1024):
+        self._model = model.eval()
+        self.kind = ResponseKind.parse(kind)
+        self.num_classes = int(model.num_classes)
+        self.image_shape = (int(model.in_channels), int(model.image_size), int(model.image_size))
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, kind: ResponseKind | str = "soft") -> LocalBackend:
+        from b2kd.checkpoint import load_classifier
+
+        model, _ = load_classifier(path)
+        return cls(model, kind)
+
+    @torch.no_grad()
+    def infer(self, images: torch.Tensor) -> BackendAnswer:
+        if images.dtype != torch.uint8 or tuple(images.shape[1:]) != self.image_shape:
+            raise BlackBoxError(
+                f"the teacher accepts uint8 images of shape (N, {', '.join(map(str, self.image_shape))}),"
+                f" got {tuple(images.shape)} {images.dtype}"
+            )
+        probs = torch.cat(
+            [
+                torch.softmax(self._model(images[i : i + self.batch_size]).float(), dim=1)
+                for i in range(0, len(images), self.batch_size)
+            ]
+        )
+        per_image = int(images[0].numel())  # 1 byte per pixel
+        return BackendAnswer(
+            responses=self.kind.apply(probs),
+            bytes_sent=[per_image] * len(images),
+            bytes_received=[self.kind.wire_bytes(self.num_classes)] * len(images),
+        )

@@ -1,0 +1,83 @@
+"""The black-box teacher as every stage sees it: query(uint8 images) -> responses.
+
+Wraps any backend with the ledger (every paid query recorded, repeated images
+served from the cache for free) and the budget (a query that would overspend
+is refused before anything is sent).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from b2kd.blackbox.base import Backend, BudgetExceeded
+from b2kd.blackbox.ledger import Ledger, image_hashes
+
+
+class BlackBoxTeacher:
+    def __init__(
+        self,
+        backend: Backend,
+        ledger: Ledger,
+        budget: int | None = None,
+        stage: str = "distill",
+        batch_size: int = 256,
+    ):
+        self.backend = backend
+        self.ledger = ledger
+        self.budget = budget
+        self.stage = stage
+        self.batch_size = batch_size
+        self.cache_hits = 0
+
+    @property
+    def kind(self):
+        return self.backend.kind
+
+    @property
+    def num_classes(self) -> int:
+        return self.backend.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.backend.image_shape
+
+    @property
+    def spent(self) -> int:
+        """Queries paid in this ledger so far (all stages)."""
+        return self.ledger.count()
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.budget is None else max(self.budget - self.spent, 0)
+
+    def query(self, images: torch.Tensor) -> torch.Tensor:
+        """API-form responses (N, K) for uint8 images (N, C, H, W)."""
+        hashes = image_hashes(images)
+        kind = str(self.kind)
+        known = self.ledger.lookup(hashes, kind)
+        first_new: dict[str, int] = {}
+        for i, h in enumerate(hashes):
+            if h not in known and h not in first_new:
+                first_new[h] = i
+        self.cache_hits += len(hashes) - len(first_new)
+        if self.budget is not None and self.spent + len(first_new) > self.budget:
+            raise BudgetExceeded(
+                f"query budget exhausted: {self.spent} of {self.budget} queries spent and"
+                f" {len(first_new)} more requested; nothing was sent"
+            )
+        new_hashes = list(first_new)
+        for start in range(0, len(new_hashes), self.batch_size):
+            chunk = new_hashes[start : start + self.batch_size]
+            batch = images[[first_new[h] for h in chunk]].contiguous()
+            answer = self.backend.infer(batch)
+            self.ledger.record(
+                chunk,
+                batch,
+                answer.responses,
+                kind,
+                answer.bytes_sent,
+                answer.bytes_received,
+                self.stage,
+            )
+            known.update(zip(chunk, answer.responses.float().cpu()))
+        return torch.stack([known[h] for h in hashes])

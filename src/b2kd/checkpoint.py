@@ -1,0 +1,93 @@
+"""Classifier and generator checkpoints with the metadata every later stage reads.
+
+A checkpoint is a plain dict saved with ``torch.save``: ``kind``, ``config``
+(the model's build arguments), ``state_dict`` and ``meta`` (dataset, image
+size, normalisation, test accuracy, ...). Only plain types are stored, so
+loading uses ``weights_only=True`` and never unpickles code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from b2kd import __version__
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, unreadable or of the wrong kind."""
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """Write to a temporary file then rename, so a crash never leaves half a checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read(path: str | Path, kind: str | None = None) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupted or not a torch file
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+    if not isinstance(ckpt, dict) or "kind" not in ckpt:
+        raise CheckpointError(f"{path} is not a b2kd checkpoint")
+    if kind is not None and ckpt["kind"] != kind:
+        raise CheckpointError(f"{path} holds a {ckpt['kind']}, expected a {kind}")
+    return ckpt
+
+
+def save_classifier(model: torch.nn.Module, path: str | Path, **meta: Any) -> None:
+    atomic_save(
+        {
+            "kind": "classifier",
+            "config": dict(model.config),
+            "state_dict": model.state_dict(),
+            "meta": {"b2kd_version": __version__, **meta},
+        },
+        path,
+    )
+
+
+def load_classifier(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a classifier in eval mode; returns (model, meta)."""
+    from b2kd.models import build_model
+
+    ckpt = read(path, "classifier")
+    model = build_model(**ckpt["config"])
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    return model, ckpt["meta"]
+
+
+def save_generator(generator: torch.nn.Module, path: str | Path, **meta: Any) -> None:
+    atomic_save(
+        {
+            "kind": "generator",
+            "config": dict(generator.config),
+            "state_dict": generator.state_dict(),
+            "meta": {"b2kd_version": __version__, **meta},
+        },
+        path,
+    )
+
+
+def load_generator(path: str | Path) -> tuple[torch.nn.Module, dict]:
+    """Rebuild a generator, frozen and in eval mode; returns (generator, meta)."""
+    from b2kd.models import Generator
+
+    ckpt = read(path, "generator")
+    gen = Generator(**ckpt["config"])
+    gen.load_state_dict(ckpt["state_dict"])
+    gen.eval().requires_grad_(False)
+    return gen, ckpt["meta"]

@@ -1,0 +1,148 @@
+"""Configuration for every stage: defaults < YAML file < CLI options < dotted overrides.
+
+Every CLI option is also a key here (``distill.budget`` is ``--budget``), and any
+key can be overridden on the command line as ``section.key=value`` where the
+value is parsed as YAML (``distill.milestones=[10,20]``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(Exception):
+    """A configuration file or override that cannot be used."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    dataset: str = "mnist"
+    root: str | None = None
+    image_size: int = 28
+    channels: int = 1
+    local_fraction: float = Field(0.1, gt=0, lt=1)
+    split_seed: int = 0
+
+
+class TeacherConfig(_Section):
+    arch: str = "cnn_small"
+    checkpoint: str | None = None  # an existing teacher; later stages read it
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    crop_padding: int = 2
+
+
+class DeprivatizeConfig(_Section):
+    generator: str | None = None  # an existing generator checkpoint; distill reads it
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    alpha: float = 0.5  # weight of the information-maximisation term
+    widths: tuple[int, int] = (128, 64)
+    response: str = "soft"
+    query_every: int = 4  # query the teacher on every k-th generator step
+    query_batch: int = 16  # images queried at each such step
+    max_queries: int = 5000  # the stage's own budget
+
+
+class DistillConfig(_Section):
+    method: str = "mekd"
+    response: str = "soft"
+    budget: int = 20000
+    student: str = "resnet8"
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: Literal["cosine", "step"] = "cosine"
+    milestones: list[int] = [80, 160]  # used by the step schedule (lr x0.1 at each)
+    tau: float = 5.0
+    tau_g: float = 5.0
+    beta: float = 1.0
+    distance: Literal["l1", "l2"] = "l1"
+    hard_loss: Literal["kl", "ce"] = "kl"
+    val_fraction: float = Field(0.05, ge=0, lt=1)  # held-out slice of the paid pool
+    select: Literal["val", "last"] = "val"
+    query_batch: int = 500
+    max_steps: int | None = None  # stop early (smoke runs, throughput checks)
+
+
+class Config(_Section):
+    seed: int = 0
+    threads: int | None = None
+    device: str = "cpu"  # cpu, cuda, or auto
+    out: str = "runs/default"
+    data: DataConfig = DataConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    deprivatize: DeprivatizeConfig = DeprivatizeConfig()
+    distill: DistillConfig = DistillConfig()
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set '{dotted}': '{key}' is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(
+    path: str | Path | None = None,
+    options: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+) -> Config:
+    """Defaults, then the YAML file, then CLI options (dotted keys, None = not given), then overrides."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections")
+    for key, value in (options or {}).items():
+        if value is not None:
+            _set_dotted(tree, key, value)
+    for text in overrides or []:
+        _set_dotted(tree, *parse_override(text))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration: {problems}") from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """The fully resolved configuration, written into the run directory."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

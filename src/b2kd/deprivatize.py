@@ -1,0 +1,137 @@
+"""Step one of MEKD: train a GAN on the private images so only synthetic images leave the edge.
+
+Generator loss = non-saturating GAN loss + alpha * L_IM, where L_IM weights
+log D(G(z)) of the queried samples by the teacher's top probability on them
+(spec section 2). The teacher is queried on a schedule, a sub-batch every
+k-th step, and every query is paid through the ledger against this stage's
+own budget.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from b2kd.blackbox import BlackBoxTeacher, to_probs
+from b2kd.checkpoint import atomic_save, read, save_generator
+from b2kd.config import DeprivatizeConfig
+from b2kd.engine import epoch_generator
+from b2kd.grid import save_grid
+from b2kd.losses import gan_discriminator_loss, gan_generator_loss, information_maximisation
+from b2kd.models import Discriminator, Generator, quantize_uint8
+
+
+def _to_gan_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1], the generator's output range."""
+    return images.float() / 127.5 - 1.0
+
+
+def planned_queries(cfg: DeprivatizeConfig, num_private: int) -> int:
+    """Queries the schedule would make over the whole run, before the budget cap."""
+    steps = cfg.epochs * math.ceil(num_private / cfg.batch_size)
+    return math.ceil(steps / cfg.query_every) * cfg.query_batch
+
+
+def deprivatize(
+    cfg: DeprivatizeConfig,
+    private: torch.Tensor,
+    teacher: BlackBoxTeacher,
+    out: str | Path,
+    seed: int,
+    device: torch.device,
+    on_step=None,
+    log=print,
+) -> dict:
+    """Train G and D on ``private`` (uint8, labels never seen); writes generator.pt and a sample grid."""
+    out = Path(out)
+    channels, size, _ = teacher.image_shape
+    if tuple(private.shape[1:]) != teacher.image_shape:
+        raise ValueError(
+            f"private images are {tuple(private.shape[1:])} but the teacher takes {teacher.image_shape}"
+        )
+    torch.manual_seed(seed)
+    gen = Generator(teacher.num_classes, size, channels, tuple(cfg.widths)).to(device)
+    disc = Discriminator(size, channels).to(device)
+    opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    state_path = out / "checkpoints" / "gan_latest.pt"
+    start_epoch = 0
+    if state_path.is_file():
+        state = read(state_path, "gan_state")
+        gen.load_state_dict(state["generator"])
+        disc.load_state_dict(state["discriminator"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        start_epoch = state["epoch"] + 1
+        log(f"resuming deprivatization at epoch {start_epoch + 1}")
+
+    real_all = private
+    steps_per_epoch = math.ceil(len(real_all) / cfg.batch_size)
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        rng = epoch_generator(seed, epoch)
+        perm = torch.randperm(len(real_all), generator=rng)
+        sums = {"d": 0.0, "g": 0.0, "im": 0.0}
+        gen.train()
+        disc.train()
+        for step in range(steps_per_epoch):
+            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            real = _to_gan_range(real_all[idx]).to(device)
+            z = torch.randn(len(idx), teacher.num_classes, generator=rng).to(device)
+            fake = gen(z)
+
+            d_loss = gan_discriminator_loss(disc(real), disc(fake.detach()))
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+
+            fake_logits = disc(fake)
+            g_loss = gan_generator_loss(fake_logits)
+            global_step = epoch * steps_per_epoch + step
+            m = min(cfg.query_batch, len(idx))
+            affordable = teacher.remaining is None or teacher.remaining >= m
+            if global_step % cfg.query_every == 0 and affordable:
+                api = teacher.query(quantize_uint8(fake[:m].detach()).cpu())
+                confidence = to_probs(api, teacher.kind).max(1).values.to(device)
+                im = information_maximisation(fake_logits[:m], confidence)
+                g_loss = g_loss + cfg.alpha * im
+                sums["im"] += im.item()
+                if on_step is not None:
+                    on_step(teacher.spent)
+            opt_g.zero_grad(set_to_none=True)
+            g_loss.backward()
+            opt_g.step()
+            sums["d"] += d_loss.item()
+            sums["g"] += g_loss.item()
+
+        atomic_save(
+            {
+                "kind": "gan_state",
+                "generator": gen.state_dict(),
+                "discriminator": disc.state_dict(),
+                "opt_g": opt_g.state_dict(),
+                "opt_d": opt_d.state_dict(),
+                "epoch": epoch,
+            },
+            state_path,
+        )
+        record = {"epoch": epoch, **{k: v / steps_per_epoch for k, v in sums.items()},
+                  "queries": teacher.spent, "seconds": time.perf_counter() - t0}
+        with open(out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        log(f"deprivatize epoch {epoch + 1}/{cfg.epochs}: D {record['d']:.3f} G {record['g']:.3f}"
+            f" queries {teacher.spent} ({record['seconds']:.0f}s)")
+
+    gen.eval()
+    with torch.no_grad():
+        z = torch.randn(64, teacher.num_classes, generator=torch.Generator().manual_seed(seed))
+        samples = quantize_uint8(gen(z.to(device))).cpu()
+    grid = save_grid(samples, out / "images" / "generator_samples.png", nrow=8)
+    meta = {"role": "generator", "image_shape": list(teacher.image_shape),
+            "num_classes": teacher.num_classes, "epochs": cfg.epochs, "queries": teacher.spent}
+    save_generator(gen.cpu(), out / "generator.pt", **meta)
+    return {**meta, "generator": str(out / "generator.pt"), "samples": str(grid)}

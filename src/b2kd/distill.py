@@ -1,0 +1,112 @@
+"""Step two: pay for a pool of synthetic queries once, then train the student over it.
+
+The pool's last ``val_fraction`` (after a seeded shuffle) is held out: the
+student's top-1 agreement with the teacher's paid answers on it chooses
+``best.pt``. The test set is never looked at here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from b2kd.blackbox import BlackBoxTeacher, top1
+from b2kd.config import Config
+from b2kd.engine import Engine, make_optimizer, make_scheduler
+from b2kd.methods import get_method
+from b2kd.models import build_model
+from b2kd.pool import load_or_synthesise, pay
+
+
+def split_pool(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded (train, val) indices into the pool."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))
+    n_val = int(round(n * val_fraction))
+    return perm[n_val:], perm[:n_val]
+
+
+def distill(
+    cfg: Config,
+    teacher: BlackBoxTeacher,
+    generator: torch.nn.Module,
+    out: str | Path,
+    device: torch.device,
+    on_paid=None,
+    log=print,
+) -> dict:
+    """Run one distillation; returns a summary (queries, throughput, selection)."""
+    out = Path(out)
+    d = cfg.distill
+    method = get_method(d.method)(d, teacher.kind, generator)
+    channels, size, _ = teacher.image_shape
+
+    images = load_or_synthesise(generator, d.budget, cfg.seed, out / "pool.pt")
+    responses = pay(teacher, images, d.query_batch, on_paid)
+    teacher_top1 = top1(responses)
+    train_idx, val_idx = split_pool(len(images), d.val_fraction, cfg.seed)
+    method.prepare(responses, device)
+    images = images.to(device)
+    teacher_top1 = teacher_top1.to(device)
+
+    torch.manual_seed(cfg.seed)
+    student = build_model(d.student, teacher.num_classes, channels, size).to(device)
+    optimizer = make_optimizer(student, d.lr, d.momentum, d.weight_decay)
+    scheduler = make_scheduler(optimizer, d.schedule, d.epochs, d.milestones)
+    steps_per_epoch = math.ceil(len(train_idx) / d.batch_size)
+    epochs = d.epochs if d.max_steps is None else min(d.epochs, math.ceil(d.max_steps / steps_per_epoch))
+    select = d.select if len(val_idx) else "last"
+    meta = {"role": "student", "method": d.method, "response": str(teacher.kind), "arch": d.student}
+    engine = Engine(out, student, optimizer, scheduler, epochs, cfg.seed, select=select, meta=meta)
+    if engine.resume():
+        log(f"resuming distillation at epoch {engine.start_epoch + 1}/{epochs}")
+    timing = {"images": 0, "seconds": 0.0}
+
+    def train_epoch(epoch: int, rng: torch.Generator) -> dict:
+        order = train_idx[torch.randperm(len(train_idx), generator=rng)]
+        totals: dict[str, float] = {}
+        steps = steps_per_epoch
+        if d.max_steps is not None:
+            steps = min(steps, d.max_steps - epoch * steps_per_epoch)
+        start = time.perf_counter()
+        for step in range(steps):
+            idx = order[step * d.batch_size : (step + 1) * d.batch_size].to(device)
+            loss, parts = method.loss(student, images[idx], idx)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for key, value in {"loss": loss.item(), **parts}.items():
+                totals[key] = totals.get(key, 0.0) + value
+        seconds = time.perf_counter() - start
+        n_images = min(steps * d.batch_size, len(order))
+        timing["images"] += n_images
+        timing["seconds"] += seconds
+        return {**{k: v / max(steps, 1) for k, v in totals.items()}, "img_per_s": n_images / seconds}
+
+    @torch.no_grad()
+    def validate() -> float:
+        agree = 0
+        for i in range(0, len(val_idx), 1000):
+            idx = val_idx[i : i + 1000].to(device)
+            agree += int((student(images[idx]).argmax(1) == teacher_top1[idx]).sum())
+        return agree / len(val_idx)
+
+    def report_epoch(r: dict) -> None:
+        val = f" val-agree {r['val']:.4f}" if "val" in r else ""
+        log(f"{d.method}/{teacher.kind} epoch {r['epoch'] + 1}/{epochs}: loss {r['loss']:.4f}"
+            f"{val} {r['img_per_s']:.0f} img/s ({r['seconds']:.0f}s)")
+
+    summary = engine.run(train_epoch, validate if len(val_idx) else None, report_epoch)
+    totals = teacher.ledger.totals()
+    return {
+        **summary,
+        "queries": totals["queries"],
+        "bytes_sent": totals["bytes_sent"],
+        "bytes_received": totals["bytes_received"],
+        "pool_size": len(images),
+        "val_size": len(val_idx),
+        "train_img_per_s": timing["images"] / timing["seconds"] if timing["seconds"] else None,
+        "select": select,
+    }

@@ -1,0 +1,140 @@
+"""The shared training loop: epochs, seeded shuffling, checkpoints, resume, selection.
+
+``checkpoints/latest.pt`` is written atomically after every epoch with the
+model, optimizer, scheduler and history, so re-running the same command after
+an interruption (even ``kill -9``) continues from the last finished epoch.
+``checkpoints/best.pt`` is the model chosen by validation (or the last epoch);
+both are classifier checkpoints that ``load_classifier`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from b2kd.checkpoint import atomic_save, read, save_classifier
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The shuffling RNG of one epoch: the same on a resumed run as on an uninterrupted one."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float):
+    return torch.optim.SGD(
+        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=False
+    )
+
+
+def make_scheduler(optimizer, schedule: str, epochs: int, milestones: list[int]):
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+
+
+class Engine:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        epochs: int,
+        seed: int,
+        select: str = "val",
+        meta: dict | None = None,
+    ):
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.epochs = epochs
+        self.seed = seed
+        self.select = select
+        self.meta = meta or {}
+        self.start_epoch = 0
+        self.best_metric = float("-inf")
+        self.best_epoch = -1
+        self.history: list[dict] = []
+
+    @property
+    def latest_path(self) -> Path:
+        return self.ckpt_dir / "latest.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.ckpt_dir / "best.pt"
+
+    def resume(self) -> bool:
+        """Load ``latest.pt`` if present; returns whether training resumes."""
+        if not self.latest_path.is_file():
+            return False
+        ckpt = read(self.latest_path, "classifier")
+        state = ckpt["train_state"]
+        self.model.load_state_dict(ckpt["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.start_epoch = state["epoch"] + 1
+        self.best_metric = state["best_metric"]
+        self.best_epoch = state["best_epoch"]
+        self.history = state["history"]
+        return True
+
+    def _save_latest(self, epoch: int) -> None:
+        atomic_save(
+            {
+                "kind": "classifier",
+                "config": dict(self.model.config),
+                "state_dict": self.model.state_dict(),
+                "meta": {**self.meta, "epoch": epoch},
+                "train_state": {
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "epoch": epoch,
+                    "best_metric": self.best_metric,
+                    "best_epoch": self.best_epoch,
+                    "history": self.history,
+                },
+            },
+            self.latest_path,
+        )
+
+    def run(
+        self,
+        train_epoch: Callable[[int, torch.Generator], dict],
+        validate: Callable[[], float] | None = None,
+        on_epoch: Callable[[dict], None] | None = None,
+    ) -> dict:
+        """Train the remaining epochs; returns a summary with the selection."""
+        for epoch in range(self.start_epoch, self.epochs):
+            start = time.perf_counter()
+            self.model.train()
+            record = {"epoch": epoch, **train_epoch(epoch, epoch_generator(self.seed, epoch))}
+            self.scheduler.step()
+            record["lr"] = self.optimizer.param_groups[0]["lr"]
+            if validate is not None:
+                self.model.eval()
+                record["val"] = float(validate())
+            record["seconds"] = time.perf_counter() - start
+            metric = record.get("val", 0.0) if self.select == "val" else float(epoch)
+            if self.select == "last" or validate is None or metric > self.best_metric:
+                self.best_metric, self.best_epoch = metric, epoch
+                save_classifier(self.model, self.best_path, **self.meta, epoch=epoch)
+            self.history.append(record)
+            self._save_latest(epoch)
+            with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            if on_epoch is not None:
+                on_epoch(record)
+        self.model.eval()
+        return {
+            "epochs": self.epochs,
+            "best_epoch": self.best_epoch,
+            "best_val": self.best_metric if self.select == "val" else None,
+            "history": self.history,
+        }

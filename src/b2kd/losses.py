@@ -1,0 +1,90 @@
+"""Every loss b2kd trains with, in its standard form (spec sections 2 and 3).
+
+Kept free of models and data so that each can be checked against numbers
+computed by hand.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from b2kd.blackbox.responses import centre
+
+
+def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """tau^2 * KL(softmax(t/tau) || softmax(s/tau)), averaged over the batch.
+
+    Uses log_softmax on both sides and the tau^2 factor (the reference multiplies
+    by tau and takes log of softmax).
+    """
+    log_p_t = F.log_softmax(teacher_logits / tau, dim=1)
+    log_p_s = F.log_softmax(student_logits / tau, dim=1)
+    return tau * tau * F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+
+
+def generator_alignment(
+    generator: torch.nn.Module,
+    student_logits: torch.Tensor,
+    teacher_images: torch.Tensor,
+    tau_g: float,
+    distance: str = "l1",
+) -> torch.Tensor:
+    """|| G(centre(s) / tau_g) - G(t / tau_g) ||, mean over pixels.
+
+    ``teacher_images`` is G(t / tau_g), computed once per paid image and cached;
+    only the student side runs through the frozen generator here.
+    """
+    student_images = generator(centre(student_logits) / tau_g)
+    if distance == "l1":
+        return F.l1_loss(student_images, teacher_images)
+    if distance == "l2":
+        return F.mse_loss(student_images, teacher_images)
+    raise ValueError(f"unknown distance '{distance}'; use l1 or l2")
+
+
+def mekd_loss(
+    generator: torch.nn.Module,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    teacher_images: torch.Tensor,
+    tau_g: float = 5.0,
+    tau: float = 5.0,
+    beta: float = 1.0,
+    distance: str = "l1",
+    hard_ce: bool = False,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """MEKD: generator alignment + beta * (tau^2 KL, or cross-entropy on the hard label).
+
+    Returns the total and its named parts for logging.
+    """
+    align = generator_alignment(generator, student_logits, teacher_images, tau_g, distance)
+    if hard_ce:
+        match = F.cross_entropy(student_logits, teacher_logits.argmax(1))
+    else:
+        match = kd_kl(centre(student_logits), teacher_logits, tau)
+    total = align + beta * match
+    return total, {"align": float(align.detach()), "match": float(match.detach())}
+
+
+def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Standard GAN discriminator loss: real -> 1, fake -> 0 (mean of the two BCEs)."""
+    real = F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+    fake = F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+    return 0.5 * (real + fake)
+
+
+def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss: -mean log D(G(z))."""
+    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+
+
+def information_maximisation(fake_logits: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
+    """L_IM = -(1/m) sum_i y_i log D(G(z_i)), with y_i the teacher's detached top probability.
+
+    ``fake_logits`` (m, 1) are D's logits on the queried samples; log D = -softplus(-logit).
+    Per sample, as the spec requires (the reference multiplied by the class index).
+    """
+    confidence = confidence.detach().reshape(-1).to(fake_logits.dtype)
+    log_d = -F.softplus(-fake_logits.reshape(-1))
+    return -(confidence * log_d).mean()

@@ -1,0 +1,20 @@
+"""Classifiers (each owning its input normalisation), the GAN, and the model registry."""
+
+# Importing the architecture modules registers them in ``MODELS``.
+from . import lenet, mobilenet, resnet, vgg  # noqa: F401
+from .gan import Discriminator, Generator, quantize_uint8, to_unit
+from .normalize import Classifier
+from .registry import MODELS, available_models, build_model, count_parameters, register
+
+__all__ = [
+    "MODELS",
+    "Classifier",
+    "Discriminator",
+    "Generator",
+    "available_models",
+    "build_model",
+    "count_parameters",
+    "quantize_uint8",
+    "register",
+    "to_unit",
+]

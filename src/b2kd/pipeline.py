@@ -1,0 +1,145 @@
+"""The stages as functions of a resolved config: what the CLI and the demo call.
+
+Each stage writes into its own run directory: the resolved ``config.yaml``,
+its ``ledger.sqlite`` when it queries the teacher, checkpoints and reports.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from b2kd import __version__
+from b2kd.blackbox import BlackBoxTeacher, Ledger, LocalBackend, ResponseKind
+from b2kd.checkpoint import CheckpointError, load_classifier, load_generator
+from b2kd.config import Config, ConfigError, save_config
+from b2kd.data import edge_split, load_dataset, private_images
+from b2kd.evaluate import evaluate, predict
+from b2kd.progress import QueryProgress
+from b2kd.runtime import hardware, setup
+
+
+def prepare_run(cfg: Config, out: str | Path) -> tuple[Path, torch.device]:
+    """Seed, set threads and device, create the run directory and record the config."""
+    device = setup(cfg.seed, cfg.threads, cfg.device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    return out, device
+
+
+def teacher_checkpoint(cfg: Config) -> Path:
+    if not cfg.teacher.checkpoint:
+        raise ConfigError("no teacher given: pass --teacher PATH (or set teacher.checkpoint)")
+    return Path(cfg.teacher.checkpoint)
+
+
+def open_teacher(cfg: Config, run_dir: Path, response: str, budget: int | None, stage: str) -> BlackBoxTeacher:
+    """The black-box teacher of one run: backend + this run's ledger + budget."""
+    backend = LocalBackend.from_checkpoint(teacher_checkpoint(cfg), ResponseKind.parse(response))
+    return BlackBoxTeacher(backend, Ledger(run_dir / "ledger.sqlite"), budget=budget, stage=stage)
+
+
+def edge_private_images(cfg: Config) -> torch.Tensor:
+    """The edge's private local set (uint8, no labels), seeded by ``data.split_seed``."""
+    d = cfg.data
+    train = load_dataset(d.dataset, "train", d.root, d.image_size, d.channels)
+    split = edge_split(len(train), d.local_fraction, d.split_seed)
+    return private_images(train, split)
+
+
+def run_teacher(cfg: Config, out: str | Path, log=print) -> dict:
+    from b2kd.teacher_train import train_teacher
+
+    out, device = prepare_run(cfg, out)
+    meta = train_teacher(cfg, out, device, log)
+    (out / "report.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def run_deprivatize(cfg: Config, out: str | Path, log=print) -> dict:
+    from b2kd.deprivatize import deprivatize
+
+    out, device = prepare_run(cfg, out)
+    private = edge_private_images(cfg)
+    teacher = open_teacher(cfg, out, cfg.deprivatize.response, cfg.deprivatize.max_queries, "deprivatize")
+    start = time.perf_counter()
+    with QueryProgress("deprivatize queries", cfg.deprivatize.max_queries, teacher.spent) as bar:
+        result = deprivatize(cfg.deprivatize, private, teacher, out, cfg.seed, device, bar.update, log)
+    result.update(teacher.ledger.totals())
+    result["private_images_sent"] = teacher.ledger.private_images_sent(private)
+    result["seconds"] = time.perf_counter() - start
+    (out / "report.json").write_text(json.dumps(result, indent=2))
+    teacher.ledger.close()
+    return result
+
+
+def run_distill(cfg: Config, out: str | Path, log=print) -> dict:
+    from b2kd.distill import distill
+
+    out, device = prepare_run(cfg, out)
+    if not cfg.deprivatize.generator:
+        raise ConfigError("no generator given: pass --generator PATH (or set deprivatize.generator)")
+    generator, _ = load_generator(cfg.deprivatize.generator)
+    generator.to(device)
+    d = cfg.distill
+    teacher = open_teacher(cfg, out, d.response, d.budget, "distill")
+    if tuple(generator.config[k] for k in ("channels", "image_size")) != teacher.image_shape[:2]:
+        raise CheckpointError(
+            f"the generator makes {generator.config['channels']}x{generator.config['image_size']} images"
+            f" but the teacher takes {teacher.image_shape}"
+        )
+    start = time.perf_counter()
+    with QueryProgress(f"{d.method}/{d.response} queries", d.budget, teacher.spent) as bar:
+        summary = distill(cfg, teacher, generator, out, device, bar.update, log)
+    summary["seconds"] = time.perf_counter() - start
+    teacher.ledger.close()
+    (out / "distill.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_evaluate(run_dir: str | Path, cfg: Config | None = None) -> dict:
+    """Test-set report of a distillation run: last and best-on-validation students."""
+    from b2kd.config import load_config
+    from b2kd.report import write_report
+
+    run_dir = Path(run_dir)
+    if cfg is None:
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"{run_dir} is not a b2kd run directory (no config.yaml)")
+        cfg = load_config(run_dir / "config.yaml")
+    d = cfg.data
+    test = load_dataset(d.dataset, "test", d.root, d.image_size, d.channels)
+    teacher, teacher_meta = load_classifier(teacher_checkpoint(cfg))
+    teacher_pred = predict(teacher, test.images)
+    result: dict = {
+        "run": str(run_dir),
+        "b2kd_version": __version__,
+        "hardware": hardware(),
+        "method": cfg.distill.method,
+        "response": cfg.distill.response,
+        "budget": cfg.distill.budget,
+        "teacher_acc": float((teacher_pred == test.labels).float().mean()),
+    }
+    for name in ("latest", "best"):
+        path = run_dir / "checkpoints" / f"{name}.pt"
+        student, meta = load_classifier(path)
+        result[name] = {**evaluate(student, test.images, test.labels, test.num_classes, teacher_pred),
+                        "epoch": meta.get("epoch")}
+    result["student_acc"] = result["best"]["acc"]
+    result["fidelity"] = result["best"]["fidelity"]
+    ledger_path = run_dir / "ledger.sqlite"
+    if ledger_path.is_file():
+        with Ledger(ledger_path) as ledger:
+            result.update(ledger.totals())
+            result["private_images_sent"] = ledger.private_images_sent(edge_private_images(cfg))
+    summary_path = run_dir / "distill.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        result["train_img_per_s"] = summary.get("train_img_per_s")
+        result["best_epoch"] = summary.get("best_epoch")
+    write_report(run_dir, result)
+    return result

@@ -1,0 +1,53 @@
+"""The paid pool: N synthetic images, each queried once, responses kept in the ledger.
+
+The pool's images are drawn once from the frozen generator with a seeded
+latent, quantised to uint8 (exactly what the teacher sees and what the
+student trains on) and saved in the run directory before anything is sent.
+Queries then go out in chunks, each committed to the ledger, so an
+interrupted run re-reads the same images and pays only for the unpaid ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from b2kd.blackbox import BlackBoxTeacher
+from b2kd.checkpoint import atomic_save, read
+from b2kd.models import quantize_uint8
+
+
+@torch.no_grad()
+def synthesise(generator: torch.nn.Module, n: int, seed: int, batch_size: int = 1000) -> torch.Tensor:
+    """n uint8 images G(z), z ~ N(0, I) from a seeded RNG."""
+    rng = torch.Generator().manual_seed(seed)
+    device = next(generator.parameters()).device
+    generator.eval()
+    chunks = []
+    for start in range(0, n, batch_size):
+        z = torch.randn(min(batch_size, n - start), generator.config["latent_dim"], generator=rng)
+        chunks.append(quantize_uint8(generator(z.to(device))).cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
+
+
+def load_or_synthesise(generator: torch.nn.Module, n: int, seed: int, path: str | Path) -> torch.Tensor:
+    """The pool's images, fixed on first use so a resumed run queries the very same bytes."""
+    path = Path(path)
+    if path.is_file():
+        stored = read(path, "pool")
+        if stored["seed"] == seed and len(stored["images"]) == n:
+            return stored["images"]
+    images = synthesise(generator, n, seed)
+    atomic_save({"kind": "pool", "seed": seed, "images": images}, path)
+    return images
+
+
+def pay(teacher: BlackBoxTeacher, images: torch.Tensor, chunk: int = 500, on_chunk=None) -> torch.Tensor:
+    """Query every image (cached ones free) in committed chunks; returns API-form responses."""
+    out = []
+    for start in range(0, len(images), chunk):
+        out.append(teacher.query(images[start : start + chunk]))
+        if on_chunk is not None:
+            on_chunk(teacher.spent)
+    return torch.cat(out)

@@ -1,0 +1,60 @@
+"""Train the cloud's teacher (the only stage that sees labels) and save it with its metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from b2kd.checkpoint import save_classifier
+from b2kd.config import Config
+from b2kd.data import Augment, load_dataset
+from b2kd.engine import Engine, make_optimizer, make_scheduler
+from b2kd.evaluate import evaluate
+from b2kd.models import build_model
+
+
+def train_teacher(cfg: Config, out: str | Path, device: torch.device, log=print) -> dict:
+    """Train ``cfg.teacher.arch`` on the full training split; returns the checkpoint metadata."""
+    out = Path(out)
+    d, t = cfg.data, cfg.teacher
+    train = load_dataset(d.dataset, "train", d.root, d.image_size, d.channels)
+    test = load_dataset(d.dataset, "test", d.root, d.image_size, d.channels)
+    torch.manual_seed(cfg.seed)
+    model = build_model(t.arch, train.num_classes, d.channels, d.image_size).to(device)
+    optimizer = make_optimizer(model, t.lr, t.momentum, t.weight_decay)
+    scheduler = make_scheduler(optimizer, "cosine", t.epochs, [])
+    meta = {
+        "role": "teacher",
+        "dataset": d.dataset,
+        "image_size": d.image_size,
+        "channels": d.channels,
+        "num_classes": train.num_classes,
+        "normalisation": {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()},
+    }
+    engine = Engine(out, model, optimizer, scheduler, t.epochs, cfg.seed, select="last", meta=meta)
+    engine.resume()
+    augment = Augment(crop_padding=t.crop_padding)
+    images, labels = train.images, train.labels
+
+    def train_epoch(epoch: int, gen: torch.Generator) -> dict:
+        perm = torch.randperm(len(images), generator=gen)
+        total, n = 0.0, 0
+        for i in range(0, len(perm), t.batch_size):
+            idx = perm[i : i + t.batch_size]
+            x = augment(images[idx], generator=gen).to(device)
+            loss = F.cross_entropy(model(x), labels[idx].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, n = total + loss.item() * len(idx), n + len(idx)
+        return {"loss": total / n}
+
+    engine.run(train_epoch, on_epoch=lambda r: log(f"teacher epoch {r['epoch'] + 1}/{t.epochs}"
+                                                   f" loss {r['loss']:.4f} ({r['seconds']:.0f}s)"))
+    result = evaluate(model, test.images, test.labels, test.num_classes)
+    meta.update(test_acc=result["acc"], per_class_acc=result["per_class_acc"], epochs=t.epochs,
+                arch=t.arch)
+    save_classifier(model.cpu(), out / "teacher.pt", **meta)
+    return meta
