@@ -9,6 +9,7 @@ loading uses ``weights_only=True`` and never unpickles code.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,8 @@ def read(path: str | Path, kind: str | None = None) -> dict:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupted or not a torch file
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from None
+    except (OSError, RuntimeError, EOFError, ValueError, TypeError, pickle.UnpicklingError):
+        raise CheckpointError(f"cannot read checkpoint {path}: not a torch file, or corrupted") from None
     if not isinstance(ckpt, dict) or "kind" not in ckpt:
         raise CheckpointError(f"{path} is not a b2kd checkpoint")
     if kind is not None and ckpt["kind"] != kind:

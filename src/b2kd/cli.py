@@ -10,7 +10,7 @@ import functools
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -21,15 +21,16 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Black-box knowledge distillation from the cloud to the edge.")
 teacher_app = typer.Typer(no_args_is_help=True, help="The cloud's teacher.")
 app.add_typer(teacher_app, name="teacher")
-console = Console()
-err = Console(stderr=True)
+# soft_wrap: never break a message or a path across lines when output is piped
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file")]
-OutOpt = Annotated[Optional[str], typer.Option(help="run directory [out]")]
-SeedOpt = Annotated[Optional[int], typer.Option(help="random seed [seed]")]
-DeviceOpt = Annotated[Optional[str], typer.Option(help="cpu, cuda or auto [device]")]
-Overrides = Annotated[Optional[list[str]], typer.Argument(help="overrides: section.key=value")]
-TeacherOpt = Annotated[Optional[str], typer.Option("--teacher", help="teacher checkpoint [teacher.checkpoint]")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
+OutOpt = Annotated[str | None, typer.Option(help="run directory [out]")]
+SeedOpt = Annotated[int | None, typer.Option(help="random seed [seed]")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda or auto [device]")]
+Overrides = Annotated[list[str] | None, typer.Argument(help="overrides: section.key=value")]
+TeacherOpt = Annotated[str | None, typer.Option("--teacher", help="teacher checkpoint [teacher.checkpoint]")]
 
 
 def _user_errors():
@@ -79,9 +80,9 @@ def _print_result(result: dict) -> None:
 def teacher_train(
     config: ConfigOpt = None,
     out: OutOpt = None,
-    dataset: Annotated[Optional[str], typer.Option(help="dataset reader [data.dataset]")] = None,
-    arch: Annotated[Optional[str], typer.Option(help="architecture [teacher.arch]")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="[teacher.epochs]")] = None,
+    dataset: Annotated[str | None, typer.Option(help="dataset reader [data.dataset]")] = None,
+    arch: Annotated[str | None, typer.Option(help="architecture [teacher.arch]")] = None,
+    epochs: Annotated[int | None, typer.Option(help="[teacher.epochs]")] = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     overrides: Overrides = None,
@@ -102,9 +103,9 @@ def deprivatize(
     config: ConfigOpt = None,
     out: OutOpt = None,
     teacher: TeacherOpt = None,
-    epochs: Annotated[Optional[int], typer.Option(help="[deprivatize.epochs]")] = None,
-    max_queries: Annotated[Optional[int], typer.Option(help="[deprivatize.max_queries]")] = None,
-    response: Annotated[Optional[str], typer.Option(help="[deprivatize.response]")] = None,
+    epochs: Annotated[int | None, typer.Option(help="[deprivatize.epochs]")] = None,
+    max_queries: Annotated[int | None, typer.Option(help="[deprivatize.max_queries]")] = None,
+    response: Annotated[str | None, typer.Option(help="[deprivatize.response]")] = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     overrides: Overrides = None,
@@ -126,12 +127,12 @@ def distill(
     config: ConfigOpt = None,
     out: OutOpt = None,
     teacher: TeacherOpt = None,
-    generator: Annotated[Optional[str], typer.Option(help="generator checkpoint [deprivatize.generator]")] = None,
-    method: Annotated[Optional[str], typer.Option(help="[distill.method]")] = None,
-    response: Annotated[Optional[str], typer.Option(help="soft, hard, topk:K, rounded:D [distill.response]")] = None,
-    budget: Annotated[Optional[int], typer.Option(help="query budget = pool size [distill.budget]")] = None,
-    student: Annotated[Optional[str], typer.Option(help="[distill.student]")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="[distill.epochs]")] = None,
+    generator: Annotated[str | None, typer.Option(help="generator checkpoint [deprivatize.generator]")] = None,
+    method: Annotated[str | None, typer.Option(help="[distill.method]")] = None,
+    response: Annotated[str | None, typer.Option(help="soft, hard, topk:K, rounded:D [distill.response]")] = None,
+    budget: Annotated[int | None, typer.Option(help="query budget = pool size [distill.budget]")] = None,
+    student: Annotated[str | None, typer.Option(help="[distill.student]")] = None,
+    epochs: Annotated[int | None, typer.Option(help="[distill.epochs]")] = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     overrides: Overrides = None,

@@ -75,6 +75,7 @@ class DistillConfig(_Section):
     hard_loss: Literal["kl", "ce"] = "kl"
     val_fraction: float = Field(0.05, ge=0, lt=1)  # held-out slice of the paid pool
     select: Literal["val", "last"] = "val"
+    crop_padding: int = 0  # random shifts of paid images (same response, no new query)
     query_batch: int = 500
     max_steps: int | None = None  # stop early (smoke runs, throughput checks)
 
@@ -108,6 +109,11 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw else None
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):  # PyYAML reads 1e-3 as a string (YAML 1.1 wants 1.0e-3)
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     return key.strip(), value
 
 

@@ -17,6 +17,7 @@ from rich.table import Table
 from b2kd.checkpoint import CheckpointError, read
 from b2kd.config import Config
 from b2kd.pipeline import run_deprivatize, run_distill, run_evaluate, run_teacher
+from b2kd.teacher_train import trained_with
 
 RESPONSES = ("soft", "hard")
 
@@ -27,9 +28,7 @@ def _cached_teacher(cfg: Config, path: Path) -> dict | None:
         meta = read(path, "classifier")["meta"]
     except CheckpointError:
         return None
-    same = (meta.get("arch"), meta.get("dataset"), meta.get("epochs"), meta.get("image_size")) == (
-        cfg.teacher.arch, cfg.data.dataset, cfg.teacher.epochs, cfg.data.image_size)
-    return meta if same else None
+    return meta if meta.get("trained_with") == trained_with(cfg) else None
 
 
 def run_demo(cfg: Config, out: Path, console: Console) -> dict:

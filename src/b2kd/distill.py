@@ -15,6 +15,7 @@ import torch
 
 from b2kd.blackbox import BlackBoxTeacher, top1
 from b2kd.config import Config
+from b2kd.data import Augment
 from b2kd.engine import Engine, make_optimizer, make_scheduler
 from b2kd.methods import get_method
 from b2kd.models import build_model
@@ -24,7 +25,7 @@ from b2kd.pool import load_or_synthesise, pay
 def split_pool(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded (train, val) indices into the pool."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))
-    n_val = int(round(n * val_fraction))
+    n_val = round(n * val_fraction)
     return perm[n_val:], perm[:n_val]
 
 
@@ -42,6 +43,8 @@ def distill(
     d = cfg.distill
     method = get_method(d.method)(d, teacher.kind, generator)
     channels, size, _ = teacher.image_shape
+    torch.manual_seed(cfg.seed)
+    student = build_model(d.student, teacher.num_classes, channels, size).to(device)
 
     images = load_or_synthesise(generator, d.budget, cfg.seed, out / "pool.pt")
     responses = pay(teacher, images, d.query_batch, on_paid)
@@ -51,8 +54,6 @@ def distill(
     images = images.to(device)
     teacher_top1 = teacher_top1.to(device)
 
-    torch.manual_seed(cfg.seed)
-    student = build_model(d.student, teacher.num_classes, channels, size).to(device)
     optimizer = make_optimizer(student, d.lr, d.momentum, d.weight_decay)
     scheduler = make_scheduler(optimizer, d.schedule, d.epochs, d.milestones)
     steps_per_epoch = math.ceil(len(train_idx) / d.batch_size)
@@ -63,6 +64,7 @@ def distill(
     if engine.resume():
         log(f"resuming distillation at epoch {engine.start_epoch + 1}/{epochs}")
     timing = {"images": 0, "seconds": 0.0}
+    augment = Augment(crop_padding=d.crop_padding)
 
     def train_epoch(epoch: int, rng: torch.Generator) -> dict:
         order = train_idx[torch.randperm(len(train_idx), generator=rng)]
@@ -73,7 +75,7 @@ def distill(
         start = time.perf_counter()
         for step in range(steps):
             idx = order[step * d.batch_size : (step + 1) * d.batch_size].to(device)
-            loss, parts = method.loss(student, images[idx], idx)
+            loss, parts = method.loss(student, augment(images[idx], generator=rng), idx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

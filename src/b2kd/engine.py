@@ -83,6 +83,9 @@ class Engine:
         self.best_metric = state["best_metric"]
         self.best_epoch = state["best_epoch"]
         self.history = state["history"]
+        # metrics.jsonl may miss the last epoch if the process died after the checkpoint
+        with open(self.run_dir / "metrics.jsonl", "w") as fh:
+            fh.writelines(json.dumps(record) + "\n" for record in self.history)
         return True
 
     def _save_latest(self, epoch: int) -> None:

@@ -113,7 +113,7 @@ def run_evaluate(run_dir: str | Path, cfg: Config | None = None) -> dict:
         cfg = load_config(run_dir / "config.yaml")
     d = cfg.data
     test = load_dataset(d.dataset, "test", d.root, d.image_size, d.channels)
-    teacher, teacher_meta = load_classifier(teacher_checkpoint(cfg))
+    teacher, _ = load_classifier(teacher_checkpoint(cfg))
     teacher_pred = predict(teacher, test.images)
     result: dict = {
         "run": str(run_dir),

@@ -45,6 +45,7 @@ def load_or_synthesise(generator: torch.nn.Module, n: int, seed: int, path: str 
 
 def pay(teacher: BlackBoxTeacher, images: torch.Tensor, chunk: int = 500, on_chunk=None) -> torch.Tensor:
     """Query every image (cached ones free) in committed chunks; returns API-form responses."""
+    teacher.check_budget(images)
     out = []
     for start in range(0, len(images), chunk):
         out.append(teacher.query(images[start : start + chunk]))

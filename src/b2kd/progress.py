@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Self
+
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
@@ -18,7 +20,7 @@ class QueryProgress:
         )
         self._task = self._progress.add_task(label, total=budget, completed=spent)
 
-    def __enter__(self) -> QueryProgress:
+    def __enter__(self) -> Self:
         self._progress.start()
         return self
 

@@ -17,9 +17,11 @@ def write_report(run_dir: str | Path, result: dict) -> None:
         f"# b2kd report: {result.get('method', '?')} / {result.get('response', '?')}",
         "",
         f"- teacher test accuracy: {_pct(result.get('teacher_acc'))}",
-        f"- queries: {result.get('queries', '-')} (budget {result.get('budget', '-')}),"
-        f" sent {result.get('bytes_sent', 0) / 1e6:.2f} MB,"
-        f" received {result.get('bytes_received', 0) / 1e6:.2f} MB",
+        (
+            f"- queries: {result.get('queries', '-')} (budget {result.get('budget', '-')}),"
+            f" sent {result.get('bytes_sent', 0) / 1e6:.2f} MB,"
+            f" received {result.get('bytes_received', 0) / 1e6:.2f} MB"
+        ),
         f"- private images sent: {result.get('private_images_sent', '-')}",
         f"- hardware: {result.get('hardware', '-')}",
         "",

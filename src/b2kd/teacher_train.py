@@ -15,6 +15,15 @@ from b2kd.evaluate import evaluate
 from b2kd.models import build_model
 
 
+def trained_with(cfg: Config) -> dict:
+    """Everything that decides the teacher's weights: a cached teacher is reused only if it matches."""
+    return {
+        "seed": cfg.seed,
+        "data": cfg.data.model_dump(mode="json"),
+        "teacher": cfg.teacher.model_dump(mode="json", exclude={"checkpoint"}),
+    }
+
+
 def train_teacher(cfg: Config, out: str | Path, device: torch.device, log=print) -> dict:
     """Train ``cfg.teacher.arch`` on the full training split; returns the checkpoint metadata."""
     out = Path(out)
@@ -31,6 +40,7 @@ def train_teacher(cfg: Config, out: str | Path, device: torch.device, log=print)
         "image_size": d.image_size,
         "channels": d.channels,
         "num_classes": train.num_classes,
+        "trained_with": trained_with(cfg),
         "normalisation": {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()},
     }
     engine = Engine(out, model, optimizer, scheduler, t.epochs, cfg.seed, select="last", meta=meta)

@@ -12,6 +12,7 @@ import hashlib
 import sqlite3
 import time
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import torch
@@ -57,7 +58,7 @@ class Ledger:
     def close(self) -> None:
         self._db.close()
 
-    def __enter__(self) -> Ledger:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -50,6 +50,22 @@ class BlackBoxTeacher:
     def remaining(self) -> int | None:
         return None if self.budget is None else max(self.budget - self.spent, 0)
 
+    def unpaid(self, images: torch.Tensor) -> int:
+        """How many distinct images of ``images`` a query would pay for."""
+        hashes = set(image_hashes(images))
+        return len(hashes - set(self.ledger.lookup(list(hashes), str(self.kind))))
+
+    def check_budget(self, images: torch.Tensor) -> None:
+        """Refuse up front a set of images that cannot all be paid for, before any is sent."""
+        if self.budget is None:
+            return
+        need = self.unpaid(images)
+        if self.spent + need > self.budget:
+            raise BudgetExceeded(
+                f"query budget too small: {self.spent} of {self.budget} queries spent and"
+                f" {need} more needed; nothing was sent"
+            )
+
     def query(self, images: torch.Tensor) -> torch.Tensor:
         """API-form responses (N, K) for uint8 images (N, C, H, W)."""
         hashes = image_hashes(images)
