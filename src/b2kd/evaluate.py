@@ -11,7 +11,7 @@ import torch
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Top-1 labels of uint8 images, in eval mode, on the model's device."""
     model.eval()
     device = next(model.parameters()).device

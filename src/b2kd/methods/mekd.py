@@ -21,8 +21,8 @@ class MEKD(Method):
         self.t_logits = teacher_logits(responses, self.kind).to(device)
         self.t_images = torch.cat(
             [
-                self.generator(self.t_logits[i : i + 1000] / self.cfg.tau_g)
-                for i in range(0, len(self.t_logits), 1000)
+                self.generator(self.t_logits[i : i + 128] / self.cfg.tau_g)
+                for i in range(0, len(self.t_logits), 128)
             ]
         )
 
