@@ -32,7 +32,8 @@ def write_report(run_dir: str | Path, result: dict) -> None:
         if name in result:
             r = result[name]
             label = "last epoch" if name == "latest" else "best on validation (paid pool)"
-            lines.append(f"| {label} | {r.get('epoch')} | {_pct(r['acc'])} | {_pct(r.get('fidelity'))} |")
+            epoch = "-" if r.get("epoch") is None else r["epoch"] + 1  # 1-based for people
+            lines.append(f"| {label} | {epoch} | {_pct(r['acc'])} | {_pct(r.get('fidelity'))} |")
     best = result.get("best")
     if best:
         lines += ["", "Per-class test accuracy (best): " + ", ".join(
