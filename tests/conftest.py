@@ -11,3 +11,55 @@ torch.set_num_threads(2)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep decoded-dataset caches out of the user's home during tests."""
     monkeypatch.setenv("B2KD_CACHE", os.environ.get("B2KD_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+# --- toy runs shared by the export and audit tests -----------------------------------------
+
+TOY_RUNS = {
+    "threads": 1,
+    "data": {"dataset": "npz", "local_fraction": 0.25},
+    "teacher": {"arch": "lenet5", "epochs": 2},
+    "deprivatize": {"epochs": 1, "widths": [16, 8], "max_queries": 40, "query_every": 2,
+                    "query_batch": 4},
+    "distill": {"student": "lenet5", "budget": 200, "epochs": 2, "batch_size": 32,
+                "query_batch": 64, "response": "soft"},
+}
+
+
+@pytest.fixture(scope="session")
+def toy_runs(tmp_path_factory):
+    """Teacher, generator, and one MEKD and one KN (Knockoff) distillation run on a tiny MNIST
+    slice (800 train images, 200 of them private; 200 test images), built once per session:
+    {"cfg": Config, "mekd": run dir, "kn": run dir, "generator": path, "npz": path}."""
+    import numpy as np
+
+    from b2kd.config import Config
+    from b2kd.data import load_dataset
+    from b2kd.pipeline import run_deprivatize, run_distill, run_teacher
+
+    threads = torch.get_num_threads()
+    root = tmp_path_factory.mktemp("toy-runs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("B2KD_CACHE", os.environ.get("B2KD_TEST_CACHE")
+                  or str(tmp_path_factory.getbasetemp() / "cache"))
+        train, test = load_dataset("mnist", "train"), load_dataset("mnist", "test")
+        npz = root / "tiny-mnist.npz"
+        np.savez(npz, x_train=train.images[:800].numpy(), y_train=train.labels[:800].numpy(),
+                 x_test=test.images[:200].numpy(), y_test=test.labels[:200].numpy())
+        cfg = Config.model_validate({**TOY_RUNS, "data": {**TOY_RUNS["data"], "root": str(npz)}})
+
+        def quiet(*args, **kwargs):
+            pass
+
+        run_teacher(cfg, root / "teacher", quiet)
+        cfg.teacher.checkpoint = str(root / "teacher" / "teacher.pt")
+        cfg.deprivatize.generator = run_deprivatize(cfg, root / "deprivatize", quiet)["generator"]
+        for method in ("mekd", "kn"):
+            run_cfg = cfg.model_copy(deep=True)
+            run_cfg.distill.method = method
+            if method == "kn":  # queries private images: needs no generator
+                run_cfg.deprivatize.generator = None
+            run_distill(run_cfg, root / method, quiet)
+    torch.set_num_threads(threads)
+    return {"cfg": cfg, "mekd": root / "mekd", "kn": root / "kn", "npz": npz,
+            "generator": cfg.deprivatize.generator}

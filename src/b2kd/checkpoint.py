@@ -48,16 +48,18 @@ def read(path: str | Path, kind: str | None = None) -> dict:
     return ckpt
 
 
+def module_checkpoint(kind: str, module: torch.nn.Module, **meta: Any) -> dict:
+    """The dict a model is saved as: its build arguments, weights and metadata."""
+    return {
+        "kind": kind,
+        "config": dict(module.config),
+        "state_dict": module.state_dict(),
+        "meta": {"b2kd_version": __version__, **meta},
+    }
+
+
 def save_classifier(model: torch.nn.Module, path: str | Path, **meta: Any) -> None:
-    atomic_save(
-        {
-            "kind": "classifier",
-            "config": dict(model.config),
-            "state_dict": model.state_dict(),
-            "meta": {"b2kd_version": __version__, **meta},
-        },
-        path,
-    )
+    atomic_save(module_checkpoint("classifier", model, **meta), path)
 
 
 def load_classifier(path: str | Path) -> tuple[torch.nn.Module, dict]:
@@ -72,15 +74,7 @@ def load_classifier(path: str | Path) -> tuple[torch.nn.Module, dict]:
 
 
 def save_generator(generator: torch.nn.Module, path: str | Path, **meta: Any) -> None:
-    atomic_save(
-        {
-            "kind": "generator",
-            "config": dict(generator.config),
-            "state_dict": generator.state_dict(),
-            "meta": {"b2kd_version": __version__, **meta},
-        },
-        path,
-    )
+    atomic_save(module_checkpoint("generator", generator, **meta), path)
 
 
 def load_generator(path: str | Path) -> tuple[torch.nn.Module, dict]:

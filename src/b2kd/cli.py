@@ -14,12 +14,14 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from b2kd.config import Config, load_config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,  # help texts name config keys in [brackets]
                   help="Black-box knowledge distillation from the cloud to the edge.")
-teacher_app = typer.Typer(no_args_is_help=True, help="The cloud's teacher.")
+teacher_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The cloud's teacher.")
 app.add_typer(teacher_app, name="teacher")
 # soft_wrap: never break a message or a path across lines when output is piped
 console = Console(soft_wrap=True)
@@ -31,6 +33,10 @@ SeedOpt = Annotated[int | None, typer.Option(help="random seed [seed]")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda or auto [device]")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="overrides: section.key=value")]
 TeacherOpt = Annotated[str | None, typer.Option("--teacher", help="teacher checkpoint [teacher.checkpoint]")]
+TeacherUrlOpt = Annotated[str | None, typer.Option(
+    "--teacher-url", help="a served teacher (KServe v2), in place of --teacher [teacher.url]")]
+ApiKeyOpt = Annotated[str | None, typer.Option(
+    "--api-key", envvar="B2KD_API_KEY", help="API key of --teacher-url [teacher.api_key]")]
 
 
 def _user_errors():
@@ -38,8 +44,10 @@ def _user_errors():
     from b2kd.checkpoint import CheckpointError
     from b2kd.config import ConfigError
     from b2kd.data import DataError
+    from b2kd.predict import ModelError
 
-    return (BlackBoxError, CheckpointError, ConfigError, DataError, ValueError, FileNotFoundError)
+    return (BlackBoxError, CheckpointError, ConfigError, DataError, ModelError, ValueError,
+            FileNotFoundError)
 
 
 def friendly(fn):
@@ -56,7 +64,7 @@ def friendly(fn):
         except _user_errors() as exc:
             if os.environ.get("B2KD_DEBUG"):
                 raise
-            err.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
+            err.print(f"[red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -66,10 +74,14 @@ def _config(config: Path | None, options: dict, overrides: list[str] | None) -> 
     return load_config(config, options, overrides)
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
 def _print_result(result: dict) -> None:
     console.print(
-        f"teacher {100 * result['teacher_acc']:.2f}% | student (best) {100 * result['student_acc']:.2f}%"
-        f" | last {100 * result['latest']['acc']:.2f}% | fidelity {100 * result['fidelity']:.2f}%"
+        f"teacher {_pct(result['teacher_acc'])} | student (best) {_pct(result['student_acc'])}"
+        f" | last {_pct(result['latest']['acc'])} | fidelity {_pct(result['fidelity'])}"
         f" | queries {result.get('queries', '-')} | private images sent"
         f" {result.get('private_images_sent', '-')}"
     )
@@ -103,6 +115,8 @@ def deprivatize(
     config: ConfigOpt = None,
     out: OutOpt = None,
     teacher: TeacherOpt = None,
+    teacher_url: TeacherUrlOpt = None,
+    api_key: ApiKeyOpt = None,
     epochs: Annotated[int | None, typer.Option(help="[deprivatize.epochs]")] = None,
     max_queries: Annotated[int | None, typer.Option(help="[deprivatize.max_queries]")] = None,
     response: Annotated[str | None, typer.Option(help="[deprivatize.response]")] = None,
@@ -113,7 +127,8 @@ def deprivatize(
     """Train the GAN on the private local images; writes generator.pt and a sample grid."""
     from b2kd.pipeline import run_deprivatize
 
-    cfg = _config(config, {"out": out, "teacher.checkpoint": teacher, "deprivatize.epochs": epochs,
+    cfg = _config(config, {"out": out, "teacher.checkpoint": teacher, "teacher.url": teacher_url,
+                           "teacher.api_key": api_key, "deprivatize.epochs": epochs,
                            "deprivatize.max_queries": max_queries, "deprivatize.response": response,
                            "seed": seed, "device": device}, overrides)
     result = run_deprivatize(cfg, cfg.out, log=console.print)
@@ -127,6 +142,8 @@ def distill(
     config: ConfigOpt = None,
     out: OutOpt = None,
     teacher: TeacherOpt = None,
+    teacher_url: TeacherUrlOpt = None,
+    api_key: ApiKeyOpt = None,
     generator: Annotated[str | None, typer.Option(help="generator checkpoint [deprivatize.generator]")] = None,
     method: Annotated[str | None, typer.Option(help="[distill.method]")] = None,
     response: Annotated[str | None, typer.Option(help="soft, hard, topk:K, rounded:D [distill.response]")] = None,
@@ -140,7 +157,8 @@ def distill(
     """Pay for a pool of synthetic queries, train the student on it, and report on the test set."""
     from b2kd.pipeline import run_distill, run_evaluate
 
-    cfg = _config(config, {"out": out, "teacher.checkpoint": teacher, "deprivatize.generator": generator,
+    cfg = _config(config, {"out": out, "teacher.checkpoint": teacher, "teacher.url": teacher_url,
+                           "teacher.api_key": api_key, "deprivatize.generator": generator,
                            "distill.method": method, "distill.response": response,
                            "distill.budget": budget, "distill.student": student,
                            "distill.epochs": epochs, "seed": seed, "device": device}, overrides)
@@ -160,17 +178,101 @@ def evaluate_cmd(run_dir: Annotated[Path, typer.Argument(help="a distillation ru
     console.print(f"report -> {run_dir / 'report.md'}")
 
 
+RunDir = Annotated[Path, typer.Argument(help="a distillation run directory")]
+
+
+@app.command("export")
+@friendly
+def export_cmd(
+    run_dir: RunDir,
+    input_kind: Annotated[str, typer.Option("--input", help="what the device feeds: uint8, or float in [0, 1]")] = "uint8",
+    calibration: Annotated[int, typer.Option(help="generator images to calibrate INT8 on")] = 512,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="also write a dynamically quantized model")] = False,
+    threads: Annotated[int, typer.Option(help="onnxruntime threads for the latency figures")] = 1,
+    generator: Annotated[str | None, typer.Option(help="calibrate on fresh samples of this generator")] = None,
+):
+    """Export the best student to ONNX fp32 and INT8; measure parity, size, latency and accuracy."""
+    from b2kd.export import export_run
+
+    result = export_run(run_dir, input_kind=input_kind, calibration=calibration, dynamic=dynamic,
+                        threads=threads, generator=generator, log=console.print)
+    for name, m in result["models"].items():
+        console.print(f"{name}: {run_dir / m['file']} {m['bytes'] / 1024:.1f} KB | test acc"
+                      f" {100 * m['acc']:.2f}% | p50 {m['latency_ms_p50']:.3f} ms, p95"
+                      f" {m['latency_ms_p95']:.3f} ms at batch 1 | {m['batch64_img_per_s']:.0f} images/s"
+                      " at batch 64", highlight=False)
+    console.print(f"report -> {run_dir / 'export.md'}")
+
+
+@app.command("predict")
+@friendly
+def predict_cmd(
+    model: Annotated[Path, typer.Argument(help="an exported model (student.onnx or student.int8.onnx)")],
+    images: Annotated[Path, typer.Argument(help="an image file, or a folder of images")],
+    threads: Annotated[int, typer.Option(help="onnxruntime threads")] = 1,
+):
+    """Classify an image, or every image in a folder, with an exported model: class and probability."""
+    from b2kd.predict import predict_files
+
+    for p in predict_files(model, images, threads):
+        console.print(f"{p.file}: class {p.label} (probability {p.probability:.3f})",
+                      markup=False, highlight=False)
+
+
+@app.command("audit")
+@friendly
+def audit_cmd(
+    run_dir: RunDir,
+    holdout: Annotated[int, typer.Option(help="held-out real images that set the near-copy threshold")] = 1000,
+    quantile: Annotated[float, typer.Option(help="threshold quantile of the held-out distances")] = 0.0,
+):
+    """Compare every image a run sent with the private images; near-copies, a PNG grid, a verdict."""
+    from b2kd.audit import audit_run
+
+    r = audit_run(run_dir, holdout=holdout, quantile=quantile)
+    console.print(f"sent {r['queries']} images ({r['bytes_sent'] / 1e6:.2f} MB); near-copies of private"
+                  f" images: {r['near_copies']} ({100 * r['near_copy_fraction']:.2f}%)", highlight=False)
+    console.print(r["verdict"], markup=False, highlight=False)
+    console.print(f"report -> {run_dir / 'audit.md'} (closest pairs: {r['grid']})")
+
+
+@app.command()
+@friendly
+def serve(
+    config: ConfigOpt = None,
+    out: Annotated[str | None, typer.Option(help="server directory: state.sqlite, access.log [out]")] = None,
+    checkpoint: Annotated[str | None, typer.Option(help="teacher checkpoint [teacher.checkpoint]")] = None,
+    host: Annotated[str | None, typer.Option(help="[serve.host]")] = None,
+    port: Annotated[int | None, typer.Option(help="0 for any free port [serve.port]")] = None,
+    response: Annotated[str | None, typer.Option(help="soft, hard, topk:K, rounded:D [serve.response]")] = None,
+    api_key: Annotated[list[str] | None, typer.Option(
+        "--api-key", help="KEY or KEY:QUOTA, repeatable; none: open [serve.api_keys]")] = None,
+    rate_limit: Annotated[float | None, typer.Option(help="requests/s per key [serve.rate_limit]")] = None,
+    max_batch: Annotated[int | None, typer.Option(help="images per request [serve.max_batch]")] = None,
+    overrides: Overrides = None,
+):
+    """Serve a teacher over the Open Inference Protocol (KServe v2) with API keys and quotas."""
+    from b2kd.serve import serve as run_server
+
+    cfg = _config(config, {"out": out, "teacher.checkpoint": checkpoint, "serve.host": host,
+                           "serve.port": port, "serve.response": response, "serve.api_keys": api_key,
+                           "serve.rate_limit": rate_limit, "serve.max_batch": max_batch}, overrides)
+    run_server(cfg, log=console.print)
+
+
 @app.command()
 @friendly
 def demo(
     config: ConfigOpt = Path("configs/demo.yaml"),
     out: Annotated[str, typer.Option(help="run directory")] = "runs/demo",
+    teacher_url: TeacherUrlOpt = None,
+    api_key: ApiKeyOpt = None,
     overrides: Overrides = None,
 ):
     """The whole story on MNIST, offline: teacher, deprivatize, MEKD soft and hard, report."""
     from b2kd.demo import run_demo
 
-    cfg = _config(config, {"out": out}, overrides)
+    cfg = _config(config, {"out": out, "teacher.url": teacher_url, "teacher.api_key": api_key}, overrides)
     run_demo(cfg, Path(cfg.out), console)
 
 

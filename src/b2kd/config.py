@@ -34,6 +34,9 @@ class DataConfig(_Section):
 class TeacherConfig(_Section):
     arch: str = "cnn_small"
     checkpoint: str | None = None  # an existing teacher; later stages read it
+    url: str | None = None  # a served teacher (Open Inference Protocol); queries go there instead
+    api_key: str | None = None  # sent as 'Authorization: Bearer KEY'; never written to config.yaml
+    binary: bool = True  # images as raw bytes (binary tensor extension), not JSON lists
     epochs: int = 3
     batch_size: int = 128
     lr: float = 0.05
@@ -84,6 +87,20 @@ class DistillConfig(_Section):
     max_steps: int | None = None  # stop early (smoke runs, throughput checks)
 
 
+class ServeConfig(_Section):
+    """``b2kd serve``: the provider's side of the API."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)  # 0: any free port
+    model_name: str = "teacher"
+    response: str = "soft"  # what the API answers: soft, hard, topk:K, rounded:D
+    api_keys: list[str] = []  # "KEY" (no quota) or "KEY:QUOTA"; none: no key needed
+    rate_limit: float | None = Field(None, gt=0)  # requests per second per key (429 beyond)
+    burst: int = Field(10, ge=1)  # requests a key may send at once before the rate applies
+    max_batch: int = Field(1024, ge=1)  # images per request (413 beyond)
+    max_body_bytes: int | None = Field(None, ge=1)  # None: what max_batch images take as JSON
+
+
 class Config(_Section):
     seed: int = 0
     threads: int | None = None
@@ -93,6 +110,11 @@ class Config(_Section):
     teacher: TeacherConfig = TeacherConfig()
     deprivatize: DeprivatizeConfig = DeprivatizeConfig()
     distill: DistillConfig = DistillConfig()
+    serve: ServeConfig = ServeConfig()
+
+
+#: Secrets that stay out of the config.yaml written into run directories.
+SECRETS = {"teacher": {"api_key"}, "serve": {"api_keys"}}
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -155,4 +177,5 @@ def load_config(
 def save_config(cfg: Config, path: str | Path) -> None:
     """The fully resolved configuration, written into the run directory."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    tree = cfg.model_dump(mode="json", exclude=SECRETS)
+    Path(path).write_text(yaml.safe_dump(tree, sort_keys=False))

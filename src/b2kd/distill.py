@@ -19,7 +19,7 @@ from b2kd.data import Augment
 from b2kd.engine import Engine, make_optimizer, make_scheduler
 from b2kd.methods import get_method
 from b2kd.models import build_model
-from b2kd.pool import load_or_synthesise, pay
+from b2kd.pool import load_or_sample_private, load_or_synthesise, pay
 
 
 def split_pool(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,16 +29,30 @@ def split_pool(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, to
     return perm[n_val:], perm[:n_val]
 
 
+def train_step(method, student: torch.nn.Module, optimizer, images: torch.Tensor, idx: torch.Tensor):
+    """One optimisation step of the student on a batch of paid images; returns the loss and its parts."""
+    loss, parts = method.loss(student, images, idx)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss, parts
+
+
 def distill(
     cfg: Config,
     teacher: BlackBoxTeacher,
-    generator: torch.nn.Module,
+    generator: torch.nn.Module | None,
     out: str | Path,
     device: torch.device,
     on_paid=None,
     log=print,
+    private: torch.Tensor | None = None,
 ) -> dict:
-    """Run one distillation; returns a summary (queries, throughput, selection)."""
+    """Run one distillation; returns a summary (queries, throughput, selection).
+
+    ``private`` (the edge's local images) is read only by methods whose queries
+    come from local data; generator methods never see it.
+    """
     out = Path(out)
     d = cfg.distill
     method = get_method(d.method)(d, teacher.kind, generator)
@@ -46,7 +60,12 @@ def distill(
     torch.manual_seed(cfg.seed)
     student = build_model(d.student, teacher.num_classes, channels, size).to(device)
 
-    images = load_or_synthesise(generator, d.budget, cfg.seed, out / "pool.pt")
+    if method.source == "local":
+        if private is None:
+            raise ValueError(f"method '{d.method}' queries local images, but none were given")
+        images = load_or_sample_private(private, d.budget, cfg.seed, out / "pool.pt")
+    else:
+        images = load_or_synthesise(generator, d.budget, cfg.seed, out / "pool.pt")
     responses = pay(teacher, images, d.query_batch, on_paid)
     teacher_top1 = top1(responses)
     train_idx, val_idx = split_pool(len(images), d.val_fraction, cfg.seed)
@@ -75,10 +94,7 @@ def distill(
         start = time.perf_counter()
         for step in range(steps):
             idx = order[step * d.batch_size : (step + 1) * d.batch_size].to(device)
-            loss, parts = method.loss(student, augment(images[idx], generator=rng), idx)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss, parts = train_step(method, student, optimizer, augment(images[idx], generator=rng), idx)
             for key, value in {"loss": loss.item(), **parts}.items():
                 totals[key] = totals.get(key, 0.0) + value
         seconds = time.perf_counter() - start

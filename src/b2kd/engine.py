@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from b2kd.checkpoint import atomic_save, read, save_classifier
+from b2kd.checkpoint import atomic_save, module_checkpoint, read, save_classifier
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -91,10 +91,7 @@ class Engine:
     def _save_latest(self, epoch: int) -> None:
         atomic_save(
             {
-                "kind": "classifier",
-                "config": dict(self.model.config),
-                "state_dict": self.model.state_dict(),
-                "meta": {**self.meta, "epoch": epoch},
+                **module_checkpoint("classifier", self.model, **self.meta, epoch=epoch),
                 "train_state": {
                     "optimizer": self.optimizer.state_dict(),
                     "scheduler": self.scheduler.state_dict(),

@@ -18,6 +18,7 @@ from b2kd.checkpoint import CheckpointError, load_classifier, load_generator
 from b2kd.config import Config, ConfigError, save_config
 from b2kd.data import edge_split, load_dataset, private_images
 from b2kd.evaluate import evaluate, predict
+from b2kd.methods import get_method
 from b2kd.progress import QueryProgress
 from b2kd.runtime import hardware, setup
 
@@ -38,9 +39,33 @@ def teacher_checkpoint(cfg: Config) -> Path:
 
 
 def open_teacher(cfg: Config, run_dir: Path, response: str, budget: int | None, stage: str) -> BlackBoxTeacher:
-    """The black-box teacher of one run: backend + this run's ledger + budget."""
-    backend = LocalBackend.from_checkpoint(teacher_checkpoint(cfg), ResponseKind.parse(response))
+    """The black-box teacher of one run: backend + this run's ledger + budget.
+
+    The backend is the served teacher at ``teacher.url`` when there is one (its
+    response kind is the server's, so it must be the one this stage asks for),
+    else the checkpoint run in-process.
+    """
+    kind = ResponseKind.parse(response)
+    if cfg.teacher.url:
+        from b2kd.blackbox.http import HTTPTeacher
+
+        backend = HTTPTeacher(cfg.teacher.url, cfg.teacher.api_key, binary=cfg.teacher.binary)
+        if backend.kind != kind:
+            backend.close()
+            raise ConfigError(f"the teacher at {backend.url} answers '{backend.kind}' responses but"
+                              f" {stage}.response is '{kind}'; ask for '{backend.kind}'")
+    else:
+        backend = LocalBackend.from_checkpoint(teacher_checkpoint(cfg), kind)
     return BlackBoxTeacher(backend, Ledger(run_dir / "ledger.sqlite"), budget=budget, stage=stage)
+
+
+def load_run_config(run_dir: Path) -> Config:
+    """The resolved config a run directory was made with (a clear error when there is none)."""
+    from b2kd.config import load_config
+
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a b2kd run directory (no config.yaml)")
+    return load_config(run_dir / "config.yaml")
 
 
 def edge_private_images(cfg: Config) -> torch.Tensor:
@@ -81,20 +106,28 @@ def run_distill(cfg: Config, out: str | Path, log=print) -> dict:
     from b2kd.distill import distill
 
     out, device = prepare_run(cfg, out)
-    if not cfg.deprivatize.generator:
-        raise ConfigError("no generator given: pass --generator PATH (or set deprivatize.generator)")
-    generator, _ = load_generator(cfg.deprivatize.generator)
-    generator.to(device)
     d = cfg.distill
+    # a local-data method (Knockoff) queries private images as they are and needs no generator
+    private = edge_private_images(cfg) if get_method(d.method).source == "local" else None
+    generator = None
+    if private is None:
+        if not cfg.deprivatize.generator:
+            raise ConfigError("no generator given: pass --generator PATH (or set deprivatize.generator)")
+        generator, _ = load_generator(cfg.deprivatize.generator)
+        generator.to(device)
     teacher = open_teacher(cfg, out, d.response, d.budget, "distill")
-    if tuple(generator.config[k] for k in ("channels", "image_size")) != teacher.image_shape[:2]:
+    if generator is None:
+        made, what = tuple(private.shape[1:3]), "private images are"
+    else:
+        made, what = (generator.config["channels"], generator.config["image_size"]), "generator makes"
+    if made != teacher.image_shape[:2]:
         raise CheckpointError(
-            f"the generator makes {generator.config['channels']}x{generator.config['image_size']} images"
+            f"the {what} {made[0]}x{made[1]} images"
             f" but the teacher takes {teacher.image_shape}"
         )
     start = time.perf_counter()
     with QueryProgress(f"{d.method}/{d.response} queries", d.budget, teacher.spent) as bar:
-        summary = distill(cfg, teacher, generator, out, device, bar.update, log)
+        summary = distill(cfg, teacher, generator, out, device, bar.update, log, private=private)
     summary["seconds"] = time.perf_counter() - start
     teacher.ledger.close()
     (out / "distill.json").write_text(json.dumps(summary, indent=2))
@@ -113,8 +146,10 @@ def run_evaluate(run_dir: str | Path, cfg: Config | None = None) -> dict:
         cfg = load_config(run_dir / "config.yaml")
     d = cfg.data
     test = load_dataset(d.dataset, "test", d.root, d.image_size, d.channels)
-    teacher, _ = load_classifier(teacher_checkpoint(cfg))
-    teacher_pred = predict(teacher, test.images)
+    teacher_pred = None  # fidelity needs a local copy of the teacher; a served teacher alone has none
+    if cfg.teacher.checkpoint or not cfg.teacher.url:
+        teacher, _ = load_classifier(teacher_checkpoint(cfg))
+        teacher_pred = predict(teacher, test.images)
     result: dict = {
         "run": str(run_dir),
         "b2kd_version": __version__,
@@ -122,7 +157,7 @@ def run_evaluate(run_dir: str | Path, cfg: Config | None = None) -> dict:
         "method": cfg.distill.method,
         "response": cfg.distill.response,
         "budget": cfg.distill.budget,
-        "teacher_acc": float((teacher_pred == test.labels).float().mean()),
+        "teacher_acc": None if teacher_pred is None else float((teacher_pred == test.labels).float().mean()),
     }
     for name in ("latest", "best"):
         path = run_dir / "checkpoints" / f"{name}.pt"
@@ -130,7 +165,7 @@ def run_evaluate(run_dir: str | Path, cfg: Config | None = None) -> dict:
         result[name] = {**evaluate(student, test.images, test.labels, test.num_classes, teacher_pred),
                         "epoch": meta.get("epoch")}
     result["student_acc"] = result["best"]["acc"]
-    result["fidelity"] = result["best"]["fidelity"]
+    result["fidelity"] = result["best"].get("fidelity")
     ledger_path = run_dir / "ledger.sqlite"
     if ledger_path.is_file():
         with Ledger(ledger_path) as ledger:

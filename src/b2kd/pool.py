@@ -1,14 +1,17 @@
-"""The paid pool: N synthetic images, each queried once, responses kept in the ledger.
+"""The paid pool: N images, each queried once, responses kept in the ledger.
 
-The pool's images are drawn once from the frozen generator with a seeded
-latent, quantised to uint8 (exactly what the teacher sees and what the
-student trains on) and saved in the run directory before anything is sent.
+A generator method's pool is drawn once from the frozen generator with a
+seeded latent, quantised to uint8 (exactly what the teacher sees and what the
+student trains on); a local-data method's pool (Knockoff's transfer set) is a
+seeded random subset of the private images, which it sends as they are. Either
+is saved in the run directory, with its source, before anything is sent.
 Queries then go out in chunks, each committed to the ledger, so an
 interrupted run re-reads the same images and pays only for the unpaid ones.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,16 +38,43 @@ def synthesise(generator: torch.nn.Module, n: int, seed: int, batch_size: int = 
     return torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
 
 
-def load_or_synthesise(generator: torch.nn.Module, n: int, seed: int, path: str | Path) -> torch.Tensor:
-    """The pool's images, fixed on first use so a resumed run queries the very same bytes."""
+def sample_private(private: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """A seeded random transfer set of ``min(n, len(private))`` private images."""
+    idx = torch.randperm(len(private), generator=torch.Generator().manual_seed(seed))
+    return private[idx[:n]]
+
+
+def _load_or_draw(
+    path: str | Path, n: int, seed: int, source: str, draw: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """The pool's images, fixed on first use so a resumed run queries the very same bytes.
+
+    Pools saved before ``source`` was recorded were all generator pools.
+    """
     path = Path(path)
     if path.is_file():
         stored = read(path, "pool")
-        if stored["seed"] == seed and len(stored["images"]) == n:
+        key = (stored["seed"], len(stored["images"]), stored.get("source", "generator"))
+        if key == (seed, n, source):
             return stored["images"]
-    images = synthesise(generator, n, seed)
-    atomic_save({"kind": "pool", "seed": seed, "images": images}, path)
+    images = draw()
+    atomic_save({"kind": "pool", "source": source, "seed": seed, "images": images}, path)
     return images
+
+
+def load_or_synthesise(
+    generator: torch.nn.Module, n: int, seed: int, path: str | Path
+) -> torch.Tensor:
+    """A pool of ``n`` generator images (see :func:`synthesise`), stored at ``path``."""
+    return _load_or_draw(path, n, seed, "generator", lambda: synthesise(generator, n, seed))
+
+
+def load_or_sample_private(
+    private: torch.Tensor, n: int, seed: int, path: str | Path
+) -> torch.Tensor:
+    """A pool of private images (capped at the private set's size), stored at ``path``."""
+    n = min(n, len(private))
+    return _load_or_draw(path, n, seed, "local", lambda: sample_private(private, n, seed))
 
 
 def pay(teacher: BlackBoxTeacher, images: torch.Tensor, chunk: int = 500, on_chunk=None) -> torch.Tensor:

@@ -20,7 +20,8 @@ def trained_with(cfg: Config) -> dict:
     return {
         "seed": cfg.seed,
         "data": cfg.data.model_dump(mode="json"),
-        "teacher": cfg.teacher.model_dump(mode="json", exclude={"checkpoint"}),
+        # where the teacher is found (file, URL, key, wire format) does not decide its weights
+        "teacher": cfg.teacher.model_dump(mode="json", exclude={"checkpoint", "url", "api_key", "binary"}),
     }
 
 

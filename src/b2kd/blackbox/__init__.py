@@ -1,6 +1,15 @@
 """The black-box boundary: everything that crosses from the edge to the cloud goes through here."""
 
-from b2kd.blackbox.base import Backend, BackendAnswer, BlackBoxError, BudgetExceeded
+from b2kd.blackbox.base import (
+    Backend,
+    BackendAnswer,
+    BlackBoxError,
+    BudgetExceeded,
+    QuotaExceeded,
+    TeacherRefused,
+    TeacherUnavailable,
+)
+from b2kd.blackbox.http import HTTPTeacher
 from b2kd.blackbox.ledger import Ledger, image_hashes
 from b2kd.blackbox.local import LocalBackend
 from b2kd.blackbox.responses import (
@@ -19,10 +28,14 @@ __all__ = [
     "BlackBoxError",
     "BlackBoxTeacher",
     "BudgetExceeded",
+    "HTTPTeacher",
     "Ledger",
     "LocalBackend",
+    "QuotaExceeded",
     "ResponseKind",
     "ResponseKindError",
+    "TeacherRefused",
+    "TeacherUnavailable",
     "centre",
     "image_hashes",
     "teacher_logits",

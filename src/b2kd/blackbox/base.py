@@ -35,3 +35,15 @@ class BlackBoxError(Exception):
 
 class BudgetExceeded(BlackBoxError):
     """The query would spend more than the budget allows; nothing was sent."""
+
+
+class TeacherRefused(BlackBoxError):
+    """The teacher's server refused a request (key, size, malformed); that request was not paid."""
+
+
+class QuotaExceeded(TeacherRefused):
+    """The server's query quota for this API key is spent; responses paid before are kept."""
+
+
+class TeacherUnavailable(BlackBoxError):
+    """The teacher's server could not be reached, even after every retry."""

@@ -1,0 +1,153 @@
+"""``b2kd serve``: a teacher checkpoint behind the Open Inference Protocol, as a provider runs it.
+
+Also :class:`ServedTeacher`, which runs ``b2kd serve`` in a subprocess on
+127.0.0.1 and stops it again (also on error): what the demo, the tests and
+the throughput benchmark use to talk to a real server.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Self
+
+import httpx
+
+from b2kd.blackbox import LocalBackend, TeacherUnavailable
+from b2kd.config import Config, ConfigError
+
+
+def parse_api_keys(specs: list[str]) -> dict[str, int | None]:
+    """``KEY`` (no quota) or ``KEY:QUOTA`` each -> {key: quota}."""
+    keys: dict[str, int | None] = {}
+    for spec in specs:
+        key, sep, quota = spec.rpartition(":")
+        if not sep:
+            key, quota = spec, None
+        elif not quota.isdigit():
+            raise ConfigError("each API key must be given as KEY or KEY:QUOTA, QUOTA a whole number")
+        if not key or any(c.isspace() for c in key):
+            raise ConfigError("an API key must be non-empty and without spaces")
+        keys[key] = None if quota is None else int(quota)
+    return keys
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A bound listening socket, or a one-line error (port in use, bad address)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto given explicitly: asyncio sets TCP_NODELAY only on sockets whose proto is TCP, and
+    # without it each answer's body waits for the client's delayed ACK (40 ms per request)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    return sock
+
+
+def serve(cfg: Config, log=print) -> None:
+    """Serve ``cfg.teacher.checkpoint`` until SIGINT or SIGTERM (both shut down gracefully).
+
+    The run directory ``cfg.out`` keeps ``state.sqlite`` (quotas, paid answers:
+    a restarted server goes on where it stopped) and ``access.log``.
+    """
+    import uvicorn
+
+    from b2kd.blackbox.server import ServerSettings, create_app
+    from b2kd.pipeline import prepare_run
+
+    s = cfg.serve
+    if not cfg.teacher.checkpoint:
+        raise ConfigError("no checkpoint to serve: pass --checkpoint PATH (or set teacher.checkpoint)")
+    keys = parse_api_keys(s.api_keys)
+    backend = LocalBackend.from_checkpoint(cfg.teacher.checkpoint, s.response)
+    out, _ = prepare_run(cfg, cfg.out)
+    settings = ServerSettings(
+        model_name=s.model_name, api_keys=keys, rate_limit=s.rate_limit, burst=s.burst,
+        max_batch=s.max_batch, max_body_bytes=s.max_body_bytes,
+        state=out / "state.sqlite", access_log=out / "access.log",
+    )
+    sock = listen(s.host, s.port)
+    host, port = sock.getsockname()[:2]
+    app = create_app(backend, settings)
+    log(f"serving {cfg.teacher.checkpoint} ({backend.kind} responses,"
+        f" {len(keys) or 'no'} API key{'s' if len(keys) != 1 else ''})"
+        f" at http://{host}:{port}/v2/models/{s.model_name}; log and state in {out}")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class ServedTeacher:
+    """``b2kd serve`` in a subprocess on 127.0.0.1: ``with ServedTeacher(...) as s: s.url``.
+
+    ``start`` launches and ``wait`` blocks until ``/v2/health/ready`` answers, so
+    several servers can start side by side. Output goes to ``out/serve.log``.
+    """
+
+    def __init__(self, checkpoint: str | Path, out: str | Path, response: str = "soft",
+                 api_keys: tuple[str, ...] = (), port: int | None = None, threads: int | None = 1,
+                 overrides: tuple[str, ...] = ()):
+        self.out = Path(out)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v2/models/teacher"
+        self.cmd = [sys.executable, "-m", "b2kd.cli", "serve", "--checkpoint", str(checkpoint),
+                    "--host", "127.0.0.1", "--port", str(self.port), "--response", response,
+                    "--out", str(self.out), *[a for k in api_keys for a in ("--api-key", k)],
+                    *([f"threads={threads}"] if threads else []), *overrides]
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Self:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "serve.log", "ab") as log:
+            self.process = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                            stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
+        return self
+
+    def wait(self, timeout: float = 120.0) -> Self:
+        deadline = time.monotonic() + timeout
+        ready = self.url.split("/v2/")[0] + "/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                lines = (self.out / "serve.log").read_text(errors="replace").strip().splitlines()
+                raise TeacherUnavailable(f"the teacher server did not start: {lines[-1] if lines else '?'}"
+                                         f" (see {self.out / 'serve.log'})")
+            try:
+                if httpx.get(ready, timeout=1.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise TeacherUnavailable(f"the teacher server was not ready within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        """SIGTERM (graceful), then SIGKILL if it lingers."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> Self:
+        return self.start().wait()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

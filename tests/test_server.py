@@ -1,0 +1,319 @@
+"""The teacher server against raw HTTP on 127.0.0.1: protocol conformance, limits, quotas, hostile input."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from served import ThreadServer, images, toy_model
+
+from b2kd.blackbox import BlackBoxTeacher, Ledger, LocalBackend, QuotaExceeded
+from b2kd.blackbox.http import HTTPTeacher
+from b2kd.blackbox.protocol import HEADER_LENGTH, Tensor, encode
+from b2kd.blackbox.store import key_id
+
+KEY, OTHER = "sk-test-key", "sk-other-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return toy_model()
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    """A soft-response server with two keys, small limits, state and access log on disk."""
+    tmp = tmp_path_factory.mktemp("server")
+    with ThreadServer(model, "soft", api_keys={KEY: None, OTHER: 5}, max_batch=64,
+                      state=tmp / "state.sqlite", access_log=tmp / "access.log") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.root, headers=AUTH, timeout=30) as c:
+        yield c
+
+
+def infer_body(x: torch.Tensor, binary: bool, request_id: str | None = None,
+               binary_output: bool | None = None, outputs: list | None = None) -> tuple[bytes, dict]:
+    header: dict = {} if request_id is None else {"id": request_id}
+    if binary_output is not None:
+        header["parameters"] = {"binary_data_output": binary_output}
+    if outputs is not None:
+        header["outputs"] = outputs
+    body, length = encode(header, "inputs", [Tensor("images", x.numpy(), binary)])
+    return body, ({HEADER_LENGTH: str(length)} if length is not None else {})
+
+
+def metric(client: httpx.Client, name: str) -> float:
+    """The sum of a metric's samples in /metrics (all labels)."""
+    text = client.get("/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith((name + "{", name + " ")))
+
+
+def used(server, key: str) -> int:
+    return server.app.state.store.usage()[key_id(key)][0]
+
+
+# --- conformance -------------------------------------------------------------------------------
+
+
+def test_health_server_and_model_metadata(client):
+    assert client.get("/v2/health/live").json() == {"live": True}
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    assert "binary_tensor_data" in client.get("/v2").json()["extensions"]
+    meta = client.get("/v2/models/teacher").json()
+    assert meta["name"] == "teacher" and meta["versions"] == ["1"]
+    assert meta["inputs"] == [{"name": "images", "datatype": "UINT8", "shape": [-1, 1, 28, 28]}]
+    assert meta["outputs"] == [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]
+    assert meta["parameters"]["response"] == "soft"
+    assert client.get("/v2/models/teacher/versions/1").json() == meta
+    assert client.get("/v2/models/teacher/ready").json() == {"name": "teacher", "ready": True}
+    for path in ("/v2/models/nope", "/v2/models/teacher/versions/2", "/v2/models/nope/ready"):
+        r = client.get(path)
+        assert r.status_code == 404 and "unknown model" in r.json()["error"]
+    assert client.get("/v2/nothing").status_code == 404
+
+
+@pytest.mark.parametrize("kind,outputs", [
+    ("soft", [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]),
+    ("hard", [{"name": "label", "datatype": "INT32", "shape": [-1]}]),
+    ("topk:3", [{"name": "topk_indices", "datatype": "INT32", "shape": [-1, 3]},
+                {"name": "topk_values", "datatype": "FP32", "shape": [-1, 3]}]),
+    ("rounded:2", [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}]),
+])
+def test_metadata_outputs_of_every_response_kind(model, kind, outputs):
+    with ThreadServer(model, kind) as s:
+        meta = httpx.get(s.url).json()
+    assert meta["outputs"] == outputs and meta["parameters"]["response"] == kind
+
+
+def test_json_infer_answers_like_the_model(client, model):
+    x = images(3)
+    body, headers = infer_body(x, binary=False, request_id="json-1")
+    r = client.post("/v2/models/teacher/infer", content=body, headers=headers)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    out = r.json()
+    assert out["model_name"] == "teacher" and out["model_version"] == "1" and out["id"] == "json-1"
+    (probs,) = out["outputs"]
+    assert probs["name"] == "probabilities" and probs["datatype"] == "FP32" and probs["shape"] == [3, 10]
+    expected = LocalBackend(model).infer(x).responses
+    assert torch.allclose(torch.tensor(probs["data"]).reshape(3, 10), expected, atol=1e-6)
+
+
+def test_binary_infer_and_output_choices(client, model):
+    x = images(4, seed=1)
+    expected = LocalBackend(model).infer(x).responses.numpy()
+    body, headers = infer_body(x, binary=True, binary_output=True)
+    r = client.post("/v2/models/teacher/infer", content=body, headers=headers)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+    length = int(r.headers[HEADER_LENGTH])
+    head = json.loads(r.content[:length])
+    assert head["outputs"][0]["parameters"] == {"binary_data_size": 4 * 10 * 4}
+    assert len(r.content) == length + 160
+    assert np.allclose(np.frombuffer(r.content[length:], "<f4").reshape(4, 10), expected, atol=1e-6)
+    # binary images in, JSON answer out (no binary output asked for)
+    body, headers = infer_body(x, binary=True)
+    r = client.post("/v2/models/teacher/infer", content=body, headers=headers)
+    assert HEADER_LENGTH not in r.headers and r.json()["outputs"][0]["shape"] == [4, 10]
+    # per-output binary_data overrides the request-level choice
+    body, headers = infer_body(x, binary=False, binary_output=False,
+                               outputs=[{"name": "probabilities", "parameters": {"binary_data": True}}])
+    r = client.post("/v2/models/teacher/infer", content=body, headers=headers)
+    assert int(r.headers[HEADER_LENGTH]) == len(r.content) - 160
+
+
+# --- limits, keys, idempotency -------------------------------------------------------------------
+
+
+def test_batch_and_body_limits_are_413(client, model, tmp_path):
+    body, headers = infer_body(images(65), binary=True)
+    r = client.post("/v2/models/teacher/infer", content=body, headers=headers)
+    assert r.status_code == 413 and "at most 64" in r.json()["error"]
+    with ThreadServer(model, max_body_bytes=5000) as small:
+        body, headers = infer_body(images(8), binary=True)
+        r = httpx.post(small.url + "/infer", content=body, headers=headers)
+        assert r.status_code == 413 and "at most 5000" in r.json()["error"]
+        body, headers = infer_body(images(2), binary=True)  # the server goes on serving
+        assert httpx.post(small.url + "/infer", content=body, headers=headers).status_code == 200
+
+
+def test_keys_are_required_and_checked(server):
+    body, headers = infer_body(images(1), binary=True)
+    for auth, needle in (({}, "missing API key"), ({"Authorization": "Bearer wrong"}, "unknown API key"),
+                         ({"Authorization": f"Basic {KEY}"}, "missing API key")):
+        r = httpx.post(server.url + "/infer", content=body, headers={**headers, **auth})
+        assert r.status_code == 401 and needle in r.json()["error"]
+        assert r.headers["www-authenticate"] == "Bearer"
+
+
+def test_a_repeated_request_id_is_replayed_free_and_a_reused_one_refused(client, server):
+    x = images(6, seed=2)
+    before = used(server, KEY)
+    body, headers = infer_body(x, binary=True, request_id="same-id", binary_output=True)
+    first = client.post("/v2/models/teacher/infer", content=body, headers=headers)
+    again = client.post("/v2/models/teacher/infer", content=body, headers=headers)
+    assert first.status_code == again.status_code == 200 and first.content == again.content
+    assert used(server, KEY) == before + 6  # charged once
+    other, headers = infer_body(images(6, seed=3), binary=True, request_id="same-id", binary_output=True)
+    r = client.post("/v2/models/teacher/infer", content=other, headers=headers)
+    assert r.status_code == 409 and "different body" in r.json()["error"]
+    assert used(server, KEY) == before + 6
+
+
+def test_quota_is_402_and_nothing_is_charged_beyond_it(server):
+    body, headers = infer_body(images(6, seed=4), binary=True)
+    r = httpx.post(server.url + "/infer", content=body,
+                   headers={**headers, "Authorization": f"Bearer {OTHER}"})
+    assert r.status_code == 402 and "quota exhausted: 0 of 5" in r.json()["error"]
+    assert used(server, OTHER) == 0
+
+
+def test_rate_limit_is_429_with_retry_after(model):
+    with ThreadServer(model, rate_limit=1.0, burst=2) as s:
+        body, headers = infer_body(images(1), binary=True)
+        codes = [httpx.post(s.url + "/infer", content=body, headers=headers) for _ in range(3)]
+    assert [r.status_code for r in codes] == [200, 200, 429]
+    assert codes[2].headers["retry-after"] == "1" and "rate limit" in codes[2].json()["error"]
+
+
+def test_quota_holds_under_8_concurrent_clients_on_one_key(model, tmp_path):
+    quota, clients, per_client, batch = 300, 8, 64, 8
+    refused = []
+    with ThreadServer(model, api_keys={KEY: quota}, state=tmp_path / "state.sqlite") as s:
+
+        def hammer(i: int) -> None:
+            with HTTPTeacher(s.url, KEY, batch_size=batch) as backend:
+                teacher = BlackBoxTeacher(backend, Ledger(tmp_path / f"ledger-{i}.sqlite"), batch_size=batch)
+                try:
+                    for start in range(0, per_client, batch):
+                        teacher.query(images(per_client, seed=100 + i)[start : start + batch])
+                except QuotaExceeded:
+                    refused.append(i)
+                teacher.ledger.close()
+
+        threads = [threading.Thread(target=hammer, args=(i,)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        charged = used(s, KEY)
+        with httpx.Client(base_url=s.root) as c:
+            assert metric(c, "b2kd_queries_total") == charged
+            assert metric(c, "b2kd_refusals_total") >= 1
+    paid = sum(Ledger(tmp_path / f"ledger-{i}.sqlite").count() for i in range(clients))
+    assert refused, "the demand (512) exceeds the quota (300): someone must be refused"
+    assert charged <= quota and charged == paid == quota - quota % batch
+
+
+# --- hostile input -----------------------------------------------------------------------------
+
+GOOD_HEADER = {"inputs": [{"name": "images", "datatype": "UINT8", "shape": [2, 1, 28, 28],
+                           "parameters": {"binary_data_size": 1568}}]}
+junk = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                 max_size=4), max_leaves=12)
+
+
+@st.composite
+def hostile_requests(draw) -> tuple[str, bytes, dict[str, str], str]:
+    """(path, body, headers, what): each one malformed in one way."""
+    pixels = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).bytes(1568)
+    what = draw(st.sampled_from(["bytes", "json", "shape", "dtype", "binary length", "huge", "no key",
+                                 "wrong key", "nan", "values", "truncated", "header length", "model"]))
+    path, headers, body = "/v2/models/teacher/infer", dict(AUTH), b""
+    header = json.loads(json.dumps(GOOD_HEADER))
+    entry = header["inputs"][0]
+    if what == "bytes":
+        body = draw(st.binary(max_size=2000))
+        if draw(st.booleans()):
+            headers[HEADER_LENGTH] = str(draw(st.integers(-10, 3000)))
+        return path, body, headers, what
+    if what == "json":  # well-formed JSON of the wrong structure
+        return path, json.dumps(draw(junk)).encode(), headers, what
+    if what == "nan":
+        text = b'{"inputs":[{"name":"images","datatype":"UINT8","shape":[1,1,28,28],"data":[NaN'
+        return path, text + b",0" * 783 + b"]}]}", headers, what
+    if what == "shape":
+        entry["shape"] = draw(st.lists(st.integers(-3, 40), max_size=6).filter(lambda s: s != [2, 1, 28, 28]))
+    elif what == "dtype":
+        entry["datatype"] = draw(st.sampled_from(["FP32", "INT64", "BYTES", "uint8", "", "BOOL", "FP16"]))
+    elif what == "binary length":
+        entry["parameters"]["binary_data_size"] = draw(junk.filter(lambda v: v != 1568))
+    elif what == "huge":
+        entry["shape"] = [draw(st.integers(10**6, 10**18)), 1, 28, 28]
+    elif what == "no key":
+        headers.pop("Authorization")
+    elif what == "wrong key":
+        headers["Authorization"] = draw(st.sampled_from(["Bearer", "Bearer nope", KEY, "Token " + KEY]))
+    elif what == "model":
+        path = draw(st.sampled_from(["/v2/models/other/infer", "/v2/models/teacher/versions/7/infer"]))
+    if what == "values":  # JSON data with a few values that do not fit UINT8
+        entry.pop("parameters")
+        entry["data"] = data = [0] * 1568
+        bad = st.sampled_from([-1, 256, 1.5, -0.5, 1e300, 2**70, "7", None, [1], {"a": 1}])
+        for pos, value in draw(st.lists(st.tuples(st.integers(0, 1567), bad), min_size=1, max_size=4)):
+            data[pos] = value
+        return path, json.dumps(header).encode(), headers, what
+    text = json.dumps(header).encode()
+    body = text + pixels
+    headers[HEADER_LENGTH] = str(len(text))
+    if what == "truncated":
+        body = body[: draw(st.integers(len(text), len(body) - 1))]
+    elif what == "header length":
+        headers[HEADER_LENGTH] = draw(st.sampled_from(["", "x", "-1", str(len(body) + 1), "0",
+                                                       str(len(text) - 1), "1e3"]))
+    return path, body, headers, what
+
+
+def test_hostile_requests_get_4xx_and_the_server_keeps_serving(server, model):
+    sent: dict[str, int] = {}
+    before = used(server, KEY)
+    client = httpx.Client(base_url=server.root, timeout=30)  # each request brings its own headers
+
+    @settings(max_examples=600, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(request=hostile_requests())
+    def attack(request):
+        path, body, headers, what = request
+        r = client.post(path, content=body, headers=headers)
+        assert 400 <= r.status_code < 500, (what, r.status_code, r.text[:300])
+        assert r.json()["error"], what
+        sent[what] = sent.get(what, 0) + 1
+
+    attack()
+    assert sum(sent.values()) >= 500 and len(sent) == 13, sent
+    assert used(server, KEY) == before  # nothing malformed was charged
+    x = images(5, seed=9)
+    with HTTPTeacher(server.url, KEY) as backend:
+        answer = backend.infer(x)
+    assert torch.allclose(answer.responses, LocalBackend(model).infer(x).responses, atol=1e-6)
+    assert metric(client, "b2kd_refusals_total") >= 500
+    client.close()
+
+
+def test_metrics_and_access_log(server, client):
+    body, headers = infer_body(images(2, seed=11), binary=True, binary_output=True)
+    assert client.post("/v2/models/teacher/infer", content=body, headers=headers).status_code == 200
+    text = client.get("/metrics").text
+    for name in ("b2kd_http_requests_total", "b2kd_queries_total", "b2kd_request_bytes_total",
+                 "b2kd_response_bytes_total", "b2kd_refusals_total", "b2kd_infer_latency_seconds_bucket",
+                 "b2kd_quota_used", "b2kd_quota_limit"):
+        assert f"# TYPE {name.removesuffix('_bucket')}" in text and name in text, name
+    assert f'b2kd_quota_limit{{key="{key_id(OTHER)}"}} 5' in text
+    assert 'endpoint="/v2/models/{model}/infer",status="200"' in text
+    records = [json.loads(line) for line in server.app.state.settings.access_log.read_text().splitlines()]
+    infers = [r for r in records if r["path"] == "/v2/models/teacher/infer" and r["status"] == 200]
+    assert infers and {"ms", "key", "queries", "bytes_in", "bytes_out"} <= set(infers[-1])
+    assert infers[-1]["key"] == key_id(KEY) and infers[-1]["queries"] == 2
+    log_text = server.app.state.settings.access_log.read_text()
+    assert KEY not in log_text and OTHER not in log_text  # keys are never written down
