@@ -157,7 +157,8 @@ def _mb(sent: int, received: int) -> str:
 def summary_table(report: dict) -> Table:
     table = Table(title=f"b2kd demo: MNIST, teacher {report['teacher_arch']} -> student {report['student_arch']}")
     for col in ("stage", "test acc", "fidelity", "queries", "MB sent/recv", "private sent", "wall s"):
-        table.add_column(col, justify="right" if col != "stage" else "left")
+        # the stage names stay whole; numeric columns wrap their headers on narrow terminals
+        table.add_column(col, justify="right" if col != "stage" else "left", no_wrap=col == "stage")
     s = report["seconds"]
     table.add_row("teacher", _pct(report["teacher_acc"]), "-", "-", "-", "-", f"{s['teacher']:.0f}")
     table.add_row("deprivatize", "-", "-", str(report["deprivatize_queries"]),
