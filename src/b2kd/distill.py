@@ -20,6 +20,7 @@ from b2kd.engine import Engine, make_optimizer, make_scheduler
 from b2kd.methods import get_method
 from b2kd.models import build_model
 from b2kd.pool import load_or_sample_private, load_or_synthesise, pay
+from b2kd.runtime import fast_layout
 
 
 def split_pool(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +59,7 @@ def distill(
     method = get_method(d.method)(d, teacher.kind, generator)
     channels, size, _ = teacher.image_shape
     torch.manual_seed(cfg.seed)
-    student = build_model(d.student, teacher.num_classes, channels, size).to(device)
+    student = fast_layout(build_model(d.student, teacher.num_classes, channels, size).to(device))
 
     if method.source == "local":
         if private is None:

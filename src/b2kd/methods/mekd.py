@@ -7,6 +7,7 @@ import torch
 from b2kd.blackbox import teacher_logits
 from b2kd.losses import mekd_loss
 from b2kd.methods.base import Method
+from b2kd.runtime import fast_layout
 
 
 class MEKD(Method):
@@ -17,7 +18,7 @@ class MEKD(Method):
     @torch.no_grad()
     def prepare(self, responses: torch.Tensor, device: torch.device) -> None:
         """Teacher logits and G(t / tau_g), once per paid image (they depend only on the query)."""
-        self.generator.to(device).eval().requires_grad_(False)
+        fast_layout(self.generator.to(device)).eval().requires_grad_(False)
         self.t_logits = teacher_logits(responses, self.kind).to(device)
         self.t_images = torch.cat(
             [
