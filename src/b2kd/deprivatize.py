@@ -23,7 +23,6 @@ from b2kd.engine import epoch_generator
 from b2kd.grid import save_grid
 from b2kd.losses import gan_discriminator_loss, gan_generator_loss, information_maximisation
 from b2kd.models import Discriminator, Generator, quantize_uint8
-from b2kd.runtime import fast_layout
 
 
 def _to_gan_range(images: torch.Tensor) -> torch.Tensor:
@@ -55,8 +54,8 @@ def deprivatize(
             f"private images are {tuple(private.shape[1:])} but the teacher takes {teacher.image_shape}"
         )
     torch.manual_seed(seed)
-    gen = fast_layout(Generator(teacher.num_classes, size, channels, tuple(cfg.widths)).to(device))
-    disc = fast_layout(Discriminator(size, channels).to(device))
+    gen = Generator(teacher.num_classes, size, channels, tuple(cfg.widths)).to(device)
+    disc = Discriminator(size, channels).to(device)
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     state_path = out / "checkpoints" / "gan_latest.pt"

@@ -13,7 +13,6 @@ from b2kd.data import Augment, load_dataset
 from b2kd.engine import Engine, make_optimizer, make_scheduler
 from b2kd.evaluate import evaluate
 from b2kd.models import build_model
-from b2kd.runtime import fast_layout
 
 
 def trained_with(cfg: Config) -> dict:
@@ -33,7 +32,7 @@ def train_teacher(cfg: Config, out: str | Path, device: torch.device, log=print)
     train = load_dataset(d.dataset, "train", d.root, d.image_size, d.channels)
     test = load_dataset(d.dataset, "test", d.root, d.image_size, d.channels)
     torch.manual_seed(cfg.seed)
-    model = fast_layout(build_model(t.arch, train.num_classes, d.channels, d.image_size).to(device))
+    model = build_model(t.arch, train.num_classes, d.channels, d.image_size).to(device)
     optimizer = make_optimizer(model, t.lr, t.momentum, t.weight_decay)
     scheduler = make_scheduler(optimizer, "cosine", t.epochs, [])
     meta = {
