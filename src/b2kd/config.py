@@ -82,7 +82,7 @@ class DistillConfig(_Section):
     select: Literal["val", "last"] = "val"
     # random shifts of paid images (same response, no new query): 96.2% vs 93.8% without
     # on the MNIST demo (soft, 20k queries)
-    crop_padding: int = 2  # random shifts of paid images (same response, no new query)
+    crop_padding: int = 2
     query_batch: int = 500
     max_steps: int | None = None  # stop early (smoke runs, throughput checks)
 

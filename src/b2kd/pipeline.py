@@ -136,14 +136,11 @@ def run_distill(cfg: Config, out: str | Path, log=print) -> dict:
 
 def run_evaluate(run_dir: str | Path, cfg: Config | None = None) -> dict:
     """Test-set report of a distillation run: last and best-on-validation students."""
-    from b2kd.config import load_config
     from b2kd.report import write_report
 
     run_dir = Path(run_dir)
     if cfg is None:
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"{run_dir} is not a b2kd run directory (no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_run_config(run_dir)
     d = cfg.data
     test = load_dataset(d.dataset, "test", d.root, d.image_size, d.channels)
     teacher_pred = None  # fidelity needs a local copy of the teacher; a served teacher alone has none
