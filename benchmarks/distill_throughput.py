@@ -38,7 +38,9 @@ from b2kd.reference_step import reference_step
 from b2kd.runtime import hardware
 
 
-def compare_steps(cfg, steps: int, reps: int, device: torch.device) -> dict:
+def compare_steps(cfg, steps: int, reps: int, device: torch.device, bf16: bool = False,
+                  compile_: bool = False) -> dict:
+    """Median images/s of both steps; ``bf16`` runs them under autocast, ``compile_`` under torch.compile."""
     d, dist = cfg.data, cfg.distill
     kind = ResponseKind.parse(dist.response)
     torch.manual_seed(0)
@@ -57,6 +59,11 @@ def compare_steps(cfg, steps: int, reps: int, device: torch.device) -> dict:
     method.prepare(responses, device)
     opt_fast = make_optimizer(student_fast, dist.lr, dist.momentum, dist.weight_decay)
     opt_ref = make_optimizer(student_ref, dist.lr, dist.momentum, dist.weight_decay)
+    if compile_:
+        student_fast, student_ref = torch.compile(student_fast), torch.compile(student_ref)
+        method.generator, generator_ref = torch.compile(method.generator), torch.compile(generator_ref)
+        teacher = torch.compile(teacher)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def sync():
         if device.type == "cuda":
@@ -67,7 +74,8 @@ def compare_steps(cfg, steps: int, reps: int, device: torch.device) -> dict:
         start = time.perf_counter()
         for s in range(steps):
             idx = torch.arange(s * batch, (s + 1) * batch, device=device)
-            train_step(method, student_fast, opt_fast, images[idx], idx)
+            with autocast:
+                train_step(method, student_fast, opt_fast, images[idx], idx)
         sync()
         return steps * batch / (time.perf_counter() - start)
 
@@ -75,13 +83,15 @@ def compare_steps(cfg, steps: int, reps: int, device: torch.device) -> dict:
         sync()
         start = time.perf_counter()
         for _ in range(steps):
-            reference_step(student_ref, generator_ref, teacher, opt_ref, batch, kind)
+            with autocast:
+                reference_step(student_ref, generator_ref, teacher, opt_ref, batch, kind)
         sync()
         return steps * batch / (time.perf_counter() - start)
 
     student_fast.train()
     student_ref.train()
-    fast_rep(), ref_rep()  # warm-up, discarded
+    fast_rep(), ref_rep()  # warm-up (and compilation), discarded
+    fast_rep(), ref_rep()
     fast, ref = [], []
     for _ in range(reps):
         fast.append(fast_rep())
@@ -136,6 +146,18 @@ def main() -> None:
         "reps": args.reps,
         **compare_steps(cfg, args.steps, args.reps, device),
     }
+    print(f"plain: b2kd {result['b2kd_img_s']:.1f} img/s, reference {result['reference_img_s']:.1f} img/s",
+          flush=True)
+    if device.type == "cuda":  # the same comparison under bf16 autocast and torch.compile
+        result["variants"] = {}
+        for name, bf16, compile_ in (("bf16", True, False), ("compile", False, True),
+                                     ("bf16+compile", True, True)):
+            try:
+                result["variants"][name] = compare_steps(cfg, args.steps, args.reps, device, bf16, compile_)
+            except Exception as error:  # a variant that cannot run here is reported, not fatal
+                result["variants"][name] = {"error": f"{type(error).__name__}: {error}"}
+            print(f"{name}: {result['variants'][name]}", flush=True)  # before any later variant can hang
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if args.pipeline_steps:
         result["pipeline_img_s"] = pipeline_throughput(args.config, args.pipeline_steps, str(device))
     result.update(peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -145,6 +167,10 @@ def main() -> None:
             print(f"{key}: {value:.2f}")
         elif isinstance(value, list) and value and isinstance(value[0], float):
             print(f"{key}: {', '.join(f'{v:.1f}' for v in value)}")
+        elif key == "variants":
+            for name, v in value.items():
+                print(f"{name}: " + ", ".join(f"{k} {x:.2f}" if isinstance(x, float) else f"{k} {x}"
+                                              for k, x in v.items() if not k.endswith("_all")))
         else:
             print(f"{key}: {value}")
     if args.json:

@@ -13,32 +13,42 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 from pathlib import Path
 
 from b2kd.config import load_config
 from b2kd.pipeline import run_distill, run_evaluate
 
-FIELDS = ["response", "budget", "seed", "student_acc", "student_acc_last", "fidelity", "queries",
+FIELDS = ["variant", "response", "budget", "seed", "student_acc", "student_acc_last", "fidelity", "queries",
           "bytes_sent", "seconds"]
 
 
 def run_cell(config: str, teacher: str, generator: str, response: str, budget: int, seed: int,
-             out: Path) -> dict:
+             out: Path, overrides: list[str] = (), variant: str = "default") -> dict:
     report = out / "report.json"
     if not report.is_file():
         cfg = load_config(config, overrides=[
             f"teacher.checkpoint={teacher}", f"deprivatize.generator={generator}",
             f"distill.response={response}", f"distill.budget={budget}", f"seed={seed}", f"out={out}",
+            *overrides,
         ])
         summary = run_distill(cfg, out, log=lambda *_: None)
         run_evaluate(out, cfg)
         (out / "cell.json").write_text(json.dumps({"seconds": summary["seconds"]}))
     result = json.loads(report.read_text())
     seconds = json.loads((out / "cell.json").read_text())["seconds"]
-    return {"response": response, "budget": budget, "seed": seed,
+    return {"variant": variant, "response": response, "budget": budget, "seed": seed,
             "student_acc": result["student_acc"], "student_acc_last": result["latest"]["acc"],
             "fidelity": result["fidelity"], "queries": result["queries"],
             "bytes_sent": result["bytes_sent"], "seconds": seconds}
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -51,11 +61,13 @@ def plot(rows: list[dict], path: Path) -> None:
         print("matplotlib not installed: no plot")
         return
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for response in sorted({r["response"] for r in rows}):
-        budgets = sorted({r["budget"] for r in rows if r["response"] == response})
-        means = [sum(r["student_acc"] for r in rows if r["response"] == response and r["budget"] == b)
-                 / sum(1 for r in rows if r["response"] == response and r["budget"] == b) for b in budgets]
-        ax.plot(budgets, [100 * m for m in means], marker="o", label=f"MEKD {response}")
+    for variant, response in sorted({(r.get("variant", "default"), r["response"]) for r in rows}):
+        mine = [r for r in rows if r.get("variant", "default") == variant and r["response"] == response]
+        budgets = sorted({int(r["budget"]) for r in mine})
+        means = [statistics.mean(float(r["student_acc"]) for r in mine if int(r["budget"]) == b)
+                 for b in budgets]
+        label = f"MEKD {response}" + ("" if variant == "default" else f" ({variant})")
+        ax.plot(budgets, [100 * m for m in means], marker="o", label=label)
     ax.set_xscale("log")
     ax.set_xlabel("queries")
     ax.set_ylabel("student test accuracy (%)")
@@ -74,22 +86,24 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/query-efficiency"))
     parser.add_argument("--csv", type=Path, default=Path("docs/performance/query-efficiency.csv"))
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for every cell (e.g. device=cuda distill.epochs=20)")
+    parser.add_argument("--variant", default="default", help="name of this setting in the CSV")
     args = parser.parse_args()
 
     rows = []
     for response in args.responses:
         for budget in args.budgets:
             for seed in args.seeds:
+                cell = f"{response}-{budget}-s{seed}"
+                if args.variant != "default":
+                    cell = f"{args.variant}-{cell}"
                 row = run_cell(args.config, args.teacher, args.generator, response, budget, seed,
-                               args.out / f"{response}-{budget}-s{seed}")
+                               args.out / cell, args.set, args.variant)
                 print(", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in row.items()), flush=True)
                 rows.append(row)
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.csv, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
+                write_csv(rows, args.csv)  # after every cell, so an interrupted sweep keeps its rows
     plot(rows, args.csv.with_suffix(".png"))
 
 

@@ -48,7 +48,7 @@ def reference_step(
     kind: ResponseKind,
 ) -> float:
     """One training step of the reference: fresh z, fresh query, three generator passes."""
-    z = torch.randn(batch_size, generator.config["latent_dim"])
+    z = torch.randn(batch_size, generator.config["latent_dim"], device=next(generator.parameters()).device)
     images = to_unit(generator(z))  # float images, still attached to G's graph as in the reference
     loss = reference_loss(student, generator, teacher, images, kind)
     optimizer.zero_grad(set_to_none=True)
