@@ -37,6 +37,7 @@ class TeacherConfig(_Section):
     url: str | None = None  # a served teacher (Open Inference Protocol); queries go there instead
     api_key: str | None = None  # sent as 'Authorization: Bearer KEY'; never written to config.yaml
     binary: bool = True  # images as raw bytes (binary tensor extension), not JSON lists
+    shared_cache: str | None = None  # a ledger of responses paid once and reused across runs (bench)
     epochs: int = 3
     batch_size: int = 128
     lr: float = 0.05
@@ -85,6 +86,22 @@ class DistillConfig(_Section):
     crop_padding: int = 2
     query_batch: int = 500
     max_steps: int | None = None  # stop early (smoke runs, throughput checks)
+    steps: int | None = Field(None, ge=1)  # training length in steps, whatever the pool's size
+    # baselines (b2kd.methods); each reads only its own keys
+    dkd_alpha: float = 1.0  # DKD target-class term
+    dkd_beta: float = 8.0  # DKD non-target-class term
+    al_weight: float = 0.1  # AL: weight of the adversarial term in the student's loss
+    al_lr: float = 1e-3  # AL: the logit discriminator's Adam learning rate
+    am_seed_fraction: float = Field(0.5, gt=0, le=1)  # AM: share of the budget spent on the seed set
+    am_cycles: int = Field(2, ge=1)  # AM: rounds of mixup selection after the seed set
+    am_candidates: int = Field(4, ge=1)  # AM: mixups scored per image kept
+    am_fit_steps: int = Field(100, ge=0)  # AM: student steps between rounds
+    db3kd_search_steps: int = Field(6, ge=1)  # DB3KD: binary-search steps per direction
+    db3kd_query_cap: int = Field(60, ge=2)  # DB3KD: most queries spent on one image
+    db3kd_temperature: float = Field(1.0, gt=0)  # DB3KD: boundary distance -> soft label
+    dafl_steps: int = Field(300, ge=0)  # DAFL: white-box generator steps
+    dafl_batch_size: int = Field(64, ge=1)
+    dafl_lr: float = 0.02  # DAFL generator's Adam learning rate
 
 
 class ServeConfig(_Section):

@@ -18,8 +18,8 @@ from b2kd.config import Config
 from b2kd.data import Augment
 from b2kd.engine import Engine, make_optimizer, make_scheduler
 from b2kd.methods import get_method
+from b2kd.methods.base import Acquisition
 from b2kd.models import build_model
-from b2kd.pool import load_or_sample_private, load_or_synthesise, pay
 from b2kd.runtime import fast_layout
 
 
@@ -48,11 +48,13 @@ def distill(
     on_paid=None,
     log=print,
     private: torch.Tensor | None = None,
+    local_model: torch.nn.Module | None = None,
 ) -> dict:
     """Run one distillation; returns a summary (queries, throughput, selection).
 
     ``private`` (the edge's local images) is read only by methods whose queries
-    come from local data; generator methods never see it.
+    come from local data; generator methods never see it. ``local_model`` (the
+    teacher's own network) reaches white-box methods only.
     """
     out = Path(out)
     d = cfg.distill
@@ -61,13 +63,33 @@ def distill(
     torch.manual_seed(cfg.seed)
     student = fast_layout(build_model(d.student, teacher.num_classes, channels, size).to(device))
 
-    if method.source == "local":
-        if private is None:
-            raise ValueError(f"method '{d.method}' queries local images, but none were given")
-        images = load_or_sample_private(private, d.budget, cfg.seed, out / "pool.pt")
-    else:
-        images = load_or_synthesise(generator, d.budget, cfg.seed, out / "pool.pt")
-    responses = pay(teacher, images, d.query_batch, on_paid)
+    augment = Augment(crop_padding=d.crop_padding)
+
+    fitted = []
+
+    def fit(pool: torch.Tensor, answers: torch.Tensor, steps: int) -> None:
+        """A short round of training on a partial pool (active methods retrain between queries)."""
+        fitted.append(steps)
+        method.prepare(answers, device)
+        pool = pool.to(device)
+        opt = make_optimizer(student, d.lr, d.momentum, d.weight_decay)
+        rng = torch.Generator().manual_seed(cfg.seed + len(pool))
+        student.train()
+        for _ in range(steps):
+            idx = torch.randint(len(pool), (min(d.batch_size, len(pool)),), generator=rng).to(device)
+            train_step(method, student, opt, augment(pool[idx], generator=rng), idx)
+
+    acq = Acquisition(
+        teacher=teacher, budget=d.budget, seed=cfg.seed, device=device, out=out, student=student,
+        fit=fit, generator=generator, private=private, query_batch=d.query_batch, on_paid=on_paid,
+        local_model=local_model if method.white_box else None,
+    )
+    if method.source == "local" and private is None:
+        raise ValueError(f"method '{d.method}' queries local images, but none were given")
+    images, responses = method.acquire(acq)
+    if fitted:
+        torch.manual_seed(cfg.seed)  # the final student starts from the same weights whatever came before
+        student = fast_layout(build_model(d.student, teacher.num_classes, channels, size).to(device))
     teacher_top1 = top1(responses)
     train_idx, val_idx = split_pool(len(images), d.val_fraction, cfg.seed)
     method.prepare(responses, device)
@@ -75,23 +97,26 @@ def distill(
     teacher_top1 = teacher_top1.to(device)
 
     optimizer = make_optimizer(student, d.lr, d.momentum, d.weight_decay)
-    scheduler = make_scheduler(optimizer, d.schedule, d.epochs, d.milestones)
     steps_per_epoch = math.ceil(len(train_idx) / d.batch_size)
-    epochs = d.epochs if d.max_steps is None else min(d.epochs, math.ceil(d.max_steps / steps_per_epoch))
+    # distill.steps fixes the training length whatever the pool's size (budget sweeps compare
+    # methods at equal compute); the schedule then spans ceil(steps / steps per epoch) epochs
+    total_steps = d.steps if d.steps is not None else d.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    scheduler = make_scheduler(optimizer, d.schedule, epochs, d.milestones)
+    if d.max_steps is not None:
+        total_steps = min(total_steps, d.max_steps)
+        epochs = math.ceil(total_steps / steps_per_epoch)
     select = d.select if len(val_idx) else "last"
     meta = {"role": "student", "method": d.method, "response": str(teacher.kind), "arch": d.student}
     engine = Engine(out, student, optimizer, scheduler, epochs, cfg.seed, select=select, meta=meta)
     if engine.resume():
         log(f"resuming distillation at epoch {engine.start_epoch + 1}/{epochs}")
     timing = {"images": 0, "seconds": 0.0}
-    augment = Augment(crop_padding=d.crop_padding)
 
     def train_epoch(epoch: int, rng: torch.Generator) -> dict:
         order = train_idx[torch.randperm(len(train_idx), generator=rng)]
         totals: dict[str, float] = {}
-        steps = steps_per_epoch
-        if d.max_steps is not None:
-            steps = min(steps, d.max_steps - epoch * steps_per_epoch)
+        steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
         start = time.perf_counter()
         for step in range(steps):
             idx = order[step * d.batch_size : (step + 1) * d.batch_size].to(device)

@@ -14,6 +14,7 @@ import torch
 
 from b2kd import __version__
 from b2kd.blackbox import BlackBoxTeacher, Ledger, LocalBackend, ResponseKind
+from b2kd.blackbox.shared import SharedCache
 from b2kd.checkpoint import CheckpointError, load_classifier, load_generator
 from b2kd.config import Config, ConfigError, save_config
 from b2kd.data import edge_split, load_dataset, private_images
@@ -56,6 +57,8 @@ def open_teacher(cfg: Config, run_dir: Path, response: str, budget: int | None, 
                               f" {stage}.response is '{kind}'; ask for '{backend.kind}'")
     else:
         backend = LocalBackend.from_checkpoint(teacher_checkpoint(cfg), kind)
+    if cfg.teacher.shared_cache:
+        backend = SharedCache(backend, Ledger(cfg.teacher.shared_cache), stage)
     return BlackBoxTeacher(backend, Ledger(run_dir / "ledger.sqlite"), budget=budget, stage=stage)
 
 
@@ -107,27 +110,36 @@ def run_distill(cfg: Config, out: str | Path, log=print) -> dict:
 
     out, device = prepare_run(cfg, out)
     d = cfg.distill
-    # a local-data method (Knockoff) queries private images as they are and needs no generator
-    private = edge_private_images(cfg) if get_method(d.method).source == "local" else None
+    method = get_method(d.method)
+    if method.white_box and cfg.teacher.url:
+        raise ConfigError(f"method '{d.method}' is white-box (it reads the teacher's weights and"
+                          " gradients) and cannot run against a remote teacher; drop teacher.url")
+    # a local-data method (KN, KD, ...) queries private images as they are and needs no generator
+    private = edge_private_images(cfg) if method.source == "local" else None
     generator = None
-    if private is None:
+    if method.source == "generator":
         if not cfg.deprivatize.generator:
             raise ConfigError("no generator given: pass --generator PATH (or set deprivatize.generator)")
         generator, _ = load_generator(cfg.deprivatize.generator)
         generator.to(device)
     teacher = open_teacher(cfg, out, d.response, d.budget, "distill")
-    if generator is None:
+    made = None
+    if private is not None:
         made, what = tuple(private.shape[1:3]), "private images are"
-    else:
+    elif generator is not None:
         made, what = (generator.config["channels"], generator.config["image_size"]), "generator makes"
-    if made != teacher.image_shape[:2]:
+    if made is not None and made != teacher.image_shape[:2]:
         raise CheckpointError(
             f"the {what} {made[0]}x{made[1]} images"
             f" but the teacher takes {teacher.image_shape}"
         )
+    local_model = None
+    if method.white_box:
+        local_model = teacher.backend.model.to(device)
     start = time.perf_counter()
     with QueryProgress(f"{d.method}/{d.response} queries", d.budget, teacher.spent) as bar:
-        summary = distill(cfg, teacher, generator, out, device, bar.update, log, private=private)
+        summary = distill(cfg, teacher, generator, out, device, bar.update, log, private=private,
+                          local_model=local_model)
     summary["seconds"] = time.perf_counter() - start
     teacher.ledger.close()
     (out / "distill.json").write_text(json.dumps(summary, indent=2))

@@ -79,6 +79,22 @@ class Ledger:
                 found[h] = torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy())
         return found
 
+    def lookup_rows(self, hashes: list[str], kind: str) -> dict[str, tuple[torch.Tensor, int, int]]:
+        """Like :meth:`lookup`, with the bytes each cached query cost: (response, sent, received)."""
+        found: dict[str, tuple[torch.Tensor, int, int]] = {}
+        unique = list(dict.fromkeys(hashes))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                "SELECT hash, response, bytes_sent, bytes_received FROM queries"
+                f" WHERE kind = ? AND hash IN ({marks})",
+                [kind, *chunk],
+            )
+            for h, blob, sent, received in rows:
+                found[h] = (torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy()), sent, received)
+        return found
+
     def record(
         self,
         hashes: list[str],

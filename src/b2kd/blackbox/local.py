@@ -20,6 +20,11 @@ class LocalBackend:
         self.image_shape = (int(model.in_channels), int(model.image_size), int(model.image_size))
         self.batch_size = batch_size
 
+    @property
+    def model(self) -> torch.nn.Module:
+        """The network itself: for white-box reference methods (DAFL) only, never for queries."""
+        return self._model
+
     @classmethod
     def from_checkpoint(cls, path: str | Path, kind: ResponseKind | str = "soft") -> LocalBackend:
         from b2kd.checkpoint import load_classifier

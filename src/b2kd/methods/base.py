@@ -3,23 +3,54 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from b2kd.blackbox import BlackBoxError, ResponseKind
+from b2kd.blackbox import BlackBoxError, BlackBoxTeacher, ResponseKind
 from b2kd.config import DistillConfig
+
+
+@dataclass
+class Acquisition:
+    """Everything a method may use to choose its queries and pay for them.
+
+    ``fit(images, responses, steps)`` trains ``student`` briefly on a pool with
+    the method's own loss (active methods retrain between rounds of queries).
+    ``local_model`` is the teacher's own network, given only to white-box
+    methods and only when the teacher runs in-process.
+    """
+
+    teacher: BlackBoxTeacher
+    budget: int
+    seed: int
+    device: torch.device
+    out: Path
+    student: torch.nn.Module
+    fit: Callable[[torch.Tensor, torch.Tensor, int], None]
+    generator: torch.nn.Module | None = None
+    private: torch.Tensor | None = None
+    query_batch: int = 500
+    on_paid: Callable[[int], None] | None = None
+    local_model: torch.nn.Module | None = None
 
 
 class Method(ABC):
     """One distillation method.
 
     Class attributes declare its needs: ``source`` is where its queried images
-    come from ("generator" or "local"); ``needs_soft`` refuses hard-only teachers.
+    come from ("generator" or "local"); ``needs_soft`` refuses hard-only
+    teachers; ``white_box`` marks a method that reads the teacher's weights
+    and gradients (it is refused when the teacher is remote, and labelled as
+    such in every table).
     """
 
     name: str = ""
     source: str = "generator"
     needs_soft: bool = False
+    white_box: bool = False
 
     def __init__(self, cfg: DistillConfig, kind: ResponseKind, generator: torch.nn.Module | None = None):
         if self.needs_soft and kind.is_hard:
@@ -30,9 +61,26 @@ class Method(ABC):
         self.kind = kind
         self.generator = generator
 
+    def acquire(self, acq: Acquisition) -> tuple[torch.Tensor, torch.Tensor]:
+        """Choose the pool and pay for it: (uint8 images, their API-form responses).
+
+        The default pays once for a fixed pool: ``budget`` generator images, or a
+        transfer set of local images. Pools are stored in the run directory and
+        responses in the ledger, so a resumed run pays nothing twice.
+        """
+        from b2kd.pool import load_or_sample_private, load_or_synthesise, pay
+
+        if self.source == "local":
+            if acq.private is None:
+                raise BlackBoxError(f"method '{self.name}' queries local images, but none were given")
+            images = load_or_sample_private(acq.private, acq.budget, acq.seed, acq.out / "pool.pt")
+        else:
+            images = load_or_synthesise(acq.generator, acq.budget, acq.seed, acq.out / "pool.pt")
+        return images, pay(acq.teacher, images, acq.query_batch, acq.on_paid)
+
     @abstractmethod
     def prepare(self, responses: torch.Tensor, device: torch.device) -> None:
-        """Turn the paid pool's API-form responses into whatever the loss reads per batch."""
+        """Turn the paid pool's responses into whatever the loss reads per batch."""
 
     @abstractmethod
     def loss(
