@@ -238,6 +238,37 @@ def audit_cmd(
 
 @app.command()
 @friendly
+def bench(
+    bench_file: Annotated[Path, typer.Argument(help="a bench YAML file (configs/bench-*.yaml)")],
+    out: Annotated[Path | None, typer.Option(help="bench directory [the file's out]")] = None,
+):
+    """Run a matrix of methods x responses x budgets x seeds (x gaps); finished cells are kept."""
+    from b2kd.bench import run_bench
+    from b2kd.bench_report import render_report
+
+    bench_dir, rows = run_bench(bench_file, out, log=console.print)
+    failed = [r for r in rows if r.get("status") != "ok"]
+    report = render_report(bench_dir)
+    console.print(f"{len(rows) - len(failed)} cells done, {len(failed)} failed; results in"
+                  f" {bench_dir / 'results.csv'}, report in {report}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("report")
+@friendly
+def report_cmd(
+    bench_dir: Annotated[Path, typer.Argument(help="a bench directory (holds results.json)")],
+    out: Annotated[Path | None, typer.Option(help="where report.md and the plots go [BENCH_DIR]")] = None,
+):
+    """Render a bench's results: Markdown table (mean ± std over seeds) and accuracy plots."""
+    from b2kd.bench_report import render_report
+
+    console.print(f"report: {render_report(bench_dir, out)}")
+
+
+@app.command()
+@friendly
 def serve(
     config: ConfigOpt = None,
     out: Annotated[str | None, typer.Option(help="server directory: state.sqlite, access.log [out]")] = None,

@@ -29,6 +29,13 @@ class DataConfig(_Section):
     channels: int = 1
     local_fraction: float = Field(0.1, gt=0, lt=1)
     split_seed: int = 0
+    # a distribution gap between the teacher's data and the private set (b2kd.data.shift)
+    private_shift: Literal["none", "imbalance", "corrupt"] = "none"
+    shift_classes: list[int] = [5, 6, 7, 8, 9]  # imbalance: these classes ...
+    shift_factor: float = Field(0.1, gt=0, le=1)  # ... kept at this fraction of their frequency
+    corruptions: list[str] = ["blur", "noise", "rotation", "contrast"]  # corrupt: one per image
+    private_dataset: str | None = None  # the private set from another reader entirely (all its
+    private_root: str | None = None  # train split, resized to the teacher's input)
 
 
 class TeacherConfig(_Section):
@@ -86,6 +93,8 @@ class DistillConfig(_Section):
     crop_padding: int = 2
     query_batch: int = 500
     max_steps: int | None = None  # stop early (smoke runs, throughput checks)
+    # local-data methods: fill a budget past the private set's size with shifted copies of it
+    transfer_copies: bool = False
     steps: int | None = Field(None, ge=1)  # training length in steps, whatever the pool's size
     # baselines (b2kd.methods); each reads only its own keys
     dkd_alpha: float = 1.0  # DKD target-class term

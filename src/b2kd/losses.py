@@ -88,3 +88,76 @@ def information_maximisation(fake_logits: torch.Tensor, confidence: torch.Tensor
     confidence = confidence.detach().reshape(-1).to(fake_logits.dtype)
     log_d = -F.softplus(-fake_logits.reshape(-1))
     return -(confidence * log_d).mean()
+
+
+# --- baselines (spec section 4) --------------------------------------------------------------
+
+
+def logit_matching(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
+    """ML: mean squared error between the student's logits and the centred teacher log-probs.
+
+    The teacher side is centred here (log-probs minus their per-row mean), so a
+    constant added to a teacher row changes nothing; the student side is raw.
+    """
+    return F.mse_loss(student_logits, centre(teacher_log_probs))
+
+
+def dkd_terms(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoupled KD's two terms (Zhao et al., CVPR 2022), each tau^2-scaled and batch-averaged.
+
+    The target class is the teacher's top-1 (the edge has no ground truth).
+    TCKD: KL(teacher || student) of the binary [p_target, 1 - p_target] at tau.
+    NCKD: KL(teacher || student) of the softmax at tau over the non-target
+    classes only (the target logit is pushed down by 1000 before the softmax).
+    """
+    target = teacher_logits.argmax(1, keepdim=True)
+    mask = torch.zeros_like(teacher_logits, dtype=torch.bool).scatter_(1, target, True)
+
+    def binary_log_probs(logits: torch.Tensor) -> torch.Tensor:
+        log_p = F.log_softmax(logits / tau, dim=1)
+        log_target = log_p.gather(1, target)
+        log_rest = torch.logsumexp(log_p.masked_fill(mask, float("-inf")), dim=1, keepdim=True)
+        return torch.cat([log_target, log_rest], dim=1)
+
+    def non_target_log_probs(logits: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(logits / tau - 1000.0 * mask.to(logits.dtype), dim=1)
+
+    tckd = F.kl_div(binary_log_probs(student_logits), binary_log_probs(teacher_logits),
+                    reduction="batchmean", log_target=True)
+    nckd = F.kl_div(non_target_log_probs(student_logits), non_target_log_probs(teacher_logits),
+                    reduction="batchmean", log_target=True)
+    return tau * tau * tckd, tau * tau * nckd
+
+
+def dkd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    tau: float = 5.0,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """DKD: alpha * TCKD + beta * NCKD (see ``dkd_terms``); returns the total and its parts."""
+    tckd, nckd = dkd_terms(student_logits, teacher_logits, tau)
+    total = alpha * tckd + beta * nckd
+    return total, {"tckd": float(tckd.detach()), "nckd": float(nckd.detach())}
+
+
+def al_discriminator_loss(
+    discriminator: torch.nn.Module, teacher_logits: torch.Tensor, student_logits: torch.Tensor
+) -> torch.Tensor:
+    """AL's discriminator loss on detached logit vectors: teacher -> 1, student -> 0.
+
+    The mean of the two BCE-with-logits terms, as ``gan_discriminator_loss``.
+    """
+    real = discriminator(teacher_logits.detach())
+    fake = discriminator(student_logits.detach())
+    return gan_discriminator_loss(real, fake)
+
+
+def al_student_adversarial(
+    discriminator: torch.nn.Module, student_logits: torch.Tensor
+) -> torch.Tensor:
+    """AL's non-saturating adversarial term for the student: BCE(D(student logits), 1)."""
+    return gan_generator_loss(discriminator(student_logits))

@@ -72,11 +72,29 @@ def load_run_config(run_dir: Path) -> Config:
 
 
 def edge_private_images(cfg: Config) -> torch.Tensor:
-    """The edge's private local set (uint8, no labels), seeded by ``data.split_seed``."""
+    """The edge's private local set (uint8, no labels), seeded by ``data.split_seed``.
+
+    With ``data.private_dataset`` it is that dataset's whole train split instead;
+    ``data.private_shift`` then draws it with a gap from the teacher's data.
+    """
+    from b2kd.data.shift import corrupt, imbalance
+
     d = cfg.data
-    train = load_dataset(d.dataset, "train", d.root, d.image_size, d.channels)
-    split = edge_split(len(train), d.local_fraction, d.split_seed)
-    return private_images(train, split)
+    if d.private_dataset:
+        private = load_dataset(d.private_dataset, "train", d.private_root, d.image_size, d.channels)
+        images, labels = private.images, private.labels
+    else:
+        train = load_dataset(d.dataset, "train", d.root, d.image_size, d.channels)
+        split = edge_split(len(train), d.local_fraction, d.split_seed)
+        images, labels = private_images(train, split), train.labels[split.local_idx]
+    if d.private_shift == "imbalance":
+        images = images[imbalance(labels, d.shift_classes, d.shift_factor, d.split_seed)]
+    elif d.private_shift == "corrupt":
+        try:
+            images = corrupt(images, d.split_seed, tuple(d.corruptions))
+        except ValueError as error:
+            raise ConfigError(f"data.corruptions: {error}") from None
+    return images
 
 
 def run_teacher(cfg: Config, out: str | Path, log=print) -> dict:

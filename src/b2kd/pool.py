@@ -18,6 +18,7 @@ import torch
 
 from b2kd.blackbox import BlackBoxTeacher
 from b2kd.checkpoint import atomic_save, read
+from b2kd.data.augment import random_crop
 from b2kd.models import quantize_uint8
 
 
@@ -33,15 +34,31 @@ def synthesise(generator: torch.nn.Module, n: int, seed: int, batch_size: int = 
     generator.eval()
     chunks = []
     for start in range(0, n, batch_size):
-        z = torch.randn(min(batch_size, n - start), generator.config["latent_dim"], generator=rng)
+        # always a whole chunk of noise, cut after: a smaller n's pool is a prefix of a larger one's
+        z = torch.randn(batch_size, generator.config["latent_dim"], generator=rng)[: n - start]
         chunks.append(quantize_uint8(generator(z.to(device))).cpu())
     return torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
 
 
-def sample_private(private: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """A seeded random transfer set of ``min(n, len(private))`` private images."""
-    idx = torch.randperm(len(private), generator=torch.Generator().manual_seed(seed))
-    return private[idx[:n]]
+def sample_private(private: torch.Tensor, n: int, seed: int, copies: bool = False) -> torch.Tensor:
+    """A seeded random transfer set of ``min(n, len(private))`` private images.
+
+    With ``copies``, a budget past the private set's size is filled with randomly
+    shifted copies of its images (each a new image, so a new query), pass after
+    pass; a smaller ``n`` with the same seed is always a prefix of a larger one.
+    """
+    rng = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(private), generator=rng)
+    if not copies or n <= len(private):
+        return private[idx[:n]]
+    chunks, left, passes = [private[idx]], n - len(private), 0
+    while left > 0:
+        passes += 1
+        shift_rng = torch.Generator().manual_seed(seed * 1000 + passes)
+        order = torch.randperm(len(private), generator=shift_rng)
+        chunks.append(random_crop(private[order], 2, generator=shift_rng)[:left])  # whole pass, then cut
+        left -= len(chunks[-1])
+    return torch.cat(chunks)
 
 
 def _load_or_draw(
@@ -70,11 +87,12 @@ def load_or_synthesise(
 
 
 def load_or_sample_private(
-    private: torch.Tensor, n: int, seed: int, path: str | Path
+    private: torch.Tensor, n: int, seed: int, path: str | Path, copies: bool = False
 ) -> torch.Tensor:
-    """A pool of private images (capped at the private set's size), stored at ``path``."""
-    n = min(n, len(private))
-    return _load_or_draw(path, n, seed, "local", lambda: sample_private(private, n, seed))
+    """A pool of private images (capped at the private set's size unless ``copies``), stored at ``path``."""
+    if not copies:
+        n = min(n, len(private))
+    return _load_or_draw(path, n, seed, "local", lambda: sample_private(private, n, seed, copies))
 
 
 def pay(teacher: BlackBoxTeacher, images: torch.Tensor, chunk: int = 500, on_chunk=None) -> torch.Tensor:

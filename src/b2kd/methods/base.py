@@ -73,7 +73,8 @@ class Method(ABC):
         if self.source == "local":
             if acq.private is None:
                 raise BlackBoxError(f"method '{self.name}' queries local images, but none were given")
-            images = load_or_sample_private(acq.private, acq.budget, acq.seed, acq.out / "pool.pt")
+            images = load_or_sample_private(acq.private, acq.budget, acq.seed, acq.out / "pool.pt",
+                                            copies=self.cfg.transfer_copies)
         else:
             images = load_or_synthesise(acq.generator, acq.budget, acq.seed, acq.out / "pool.pt")
         return images, pay(acq.teacher, images, acq.query_batch, acq.on_paid)

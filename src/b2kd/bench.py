@@ -1,0 +1,214 @@
+"""`b2kd bench`: every method on the same teacher, private set and query accounting.
+
+A bench file names a base run config and a matrix: methods x response kinds x
+query budgets x seeds, optionally under several distribution gaps. Every cell
+is an ordinary `b2kd distill` run directory under ``OUT/cells``; a finished
+cell (its ``result.json``) is read back, not re-run, and a failed cell is
+recorded and the rest go on.
+
+Budget sweeps reuse paid responses. Pools nest (a smaller budget's pool is a
+prefix of a larger one's with the same seed), and every cell of one gap and
+seed shares one response ledger (``teacher.shared_cache``): an image answered
+once is served free to every later cell, so a sweep pays for its largest pool
+only. Each cell's own ledger still counts every query it used, as if it had
+paid alone; ``paid_queries`` in the summary is what the sweep really paid.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from b2kd.config import ConfigError, load_config
+from b2kd.methods import get_method
+
+FIELDS = [
+    "gap", "method", "white_box", "response", "budget", "seed", "status", "teacher_acc",
+    "student_acc", "student_acc_last", "fidelity", "queries", "bytes_sent", "bytes_received",
+    "setup_queries", "seconds", "hardware", "error",
+]
+
+
+class MethodSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    responses: list[str] = ["soft"]
+    set: dict[str, Any] = {}  # overrides for this method's cells only
+
+
+class GapSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "none"
+    set: dict[str, Any] = {}  # e.g. {data.private_shift: imbalance}
+
+
+class BenchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    base: str  # the run config every cell starts from (relative to the bench file)
+    out: str = "runs/bench"
+    teacher: str | None = None  # an existing teacher checkpoint; else trained into OUT/teacher
+    set: dict[str, Any] = {}  # overrides for every cell
+    methods: list[MethodSpec] = Field(min_length=1)
+    budgets: list[int] = Field(min_length=1)
+    seeds: list[int] = [0]
+    gaps: list[GapSpec] = [GapSpec()]
+
+
+def load_bench(path: str | Path) -> tuple[BenchConfig, Path]:
+    """The bench file, validated (unknown methods and bad keys refused up front), and its base path."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"bench file not found: {path}")
+    try:
+        bench = BenchConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+    except (yaml.YAMLError, ValidationError) as error:
+        raise ConfigError(f"{path}: invalid bench file: {error}") from None
+    base = (path.parent / bench.base).resolve() if not Path(bench.base).is_absolute() else Path(bench.base)
+    for spec in bench.methods:
+        try:
+            get_method(spec.name)
+        except ValueError as error:
+            raise ConfigError(f"{path}: {error}") from None
+    for budget in bench.budgets:
+        if budget < 1:
+            raise ConfigError(f"{path}: budgets must be positive, got {budget}")
+    names = [g.name for g in bench.gaps]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{path}: gap names must be distinct, got {names}")
+    # every cell's config must be valid before anything runs
+    for gap in bench.gaps:
+        for spec in bench.methods:
+            for response in spec.responses:
+                cell_config(bench, base, gap, spec, response, bench.budgets[0], bench.seeds[0], None, None)
+    return bench, base
+
+
+def cell_config(bench: BenchConfig, base: Path, gap: GapSpec, spec: MethodSpec, response: str,
+                budget: int, seed: int, teacher: str | None, generator: str | None, shared: str | None = None):
+    options = {**bench.set, **gap.set, **spec.set, "distill.method": spec.name,
+               "distill.response": response, "distill.budget": budget, "seed": seed}
+    if teacher:
+        options["teacher.checkpoint"] = teacher
+    options["deprivatize.generator"] = generator
+    options["teacher.shared_cache"] = shared
+    return load_config(base, options)
+
+
+def _cell_name(spec: MethodSpec, response: str, budget: int, seed: int) -> str:
+    return f"{spec.name}-{response.replace(':', '')}-{budget}-s{seed}"
+
+
+def run_bench(path: str | Path, out: str | Path | None = None, log=print) -> tuple[Path, list[dict]]:
+    """Run (or finish) every cell of the bench file; returns the bench directory and its rows
+    (also written to results.csv and results.json there)."""
+    from b2kd.pipeline import run_deprivatize, run_distill, run_evaluate, run_teacher
+    from b2kd.runtime import hardware
+
+    bench, base = load_bench(path)
+    out = Path(out or bench.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.yaml").write_text(yaml.safe_dump(bench.model_dump(), sort_keys=False))
+    base_cfg = cell_config(bench, base, bench.gaps[0], bench.methods[0], bench.methods[0].responses[0],
+                           bench.budgets[0], bench.seeds[0], None, None)
+
+    teacher = bench.teacher or base_cfg.teacher.checkpoint
+    if not teacher:
+        teacher = str(out / "teacher" / "teacher.pt")
+        if not Path(teacher).is_file():
+            log("training the teacher once for every cell")
+            run_teacher(base_cfg, out / "teacher", log=lambda *_: None)
+    if not Path(teacher).is_file():
+        raise ConfigError(f"teacher checkpoint not found: {teacher}")
+
+    rows: list[dict] = []
+    for gap in bench.gaps:
+        for seed in bench.seeds:
+            shared = str(out / "shared" / gap.name / f"paid-s{seed}.sqlite")
+            generator, setup_queries, gan_error = None, 0, None
+            if any(get_method(s.name).source == "generator" for s in bench.methods):
+                gan_dir = out / "shared" / gap.name / f"gan-s{seed}"
+                try:
+                    generator, setup_queries = _generator(bench, base, gap, seed, teacher, gan_dir, log,
+                                                          run_deprivatize)
+                except Exception as error:  # noqa: BLE001 - reported per cell, the bench goes on
+                    gan_error = f"deprivatize failed: {type(error).__name__}: {error}"
+                    log(gan_error)
+            for spec in bench.methods:
+                method = get_method(spec.name)
+                for response in spec.responses:
+                    for budget in sorted(bench.budgets):
+                        cell = out / "cells" / gap.name / _cell_name(spec, response, budget, seed)
+                        row = {"gap": gap.name, "method": spec.name, "white_box": method.white_box,
+                               "response": response, "budget": budget, "seed": seed,
+                               "hardware": hardware()}
+                        done = cell / "result.json"
+                        if done.is_file():
+                            rows.append(json.loads(done.read_text()))
+                            continue
+                        uses_gan = method.source == "generator"
+                        if uses_gan and gan_error:
+                            rows.append({**row, "status": "failed", "error": gan_error})
+                            continue
+                        start = time.perf_counter()
+                        try:
+                            cfg = cell_config(bench, base, gap, spec, response, budget, seed, teacher,
+                                              generator if uses_gan else None, shared)
+                            summary = run_distill(cfg, cell, log=lambda *_: None)
+                            report = run_evaluate(cell, cfg)
+                        except Exception as error:  # noqa: BLE001 - a failed cell must not stop the rest
+                            message = f"{type(error).__name__}: {error}"
+                            log(f"FAILED {gap.name}/{cell.name}: {message}")
+                            (cell / "error.txt").parent.mkdir(parents=True, exist_ok=True)
+                            (cell / "error.txt").write_text(traceback.format_exc())
+                            rows.append({**row, "status": "failed", "error": message})
+                            continue
+                        row.update(
+                            status="ok", teacher_acc=report["teacher_acc"], student_acc=report["student_acc"],
+                            student_acc_last=report["latest"]["acc"], fidelity=report["fidelity"],
+                            queries=summary["queries"], bytes_sent=summary["bytes_sent"],
+                            bytes_received=summary["bytes_received"],
+                            setup_queries=setup_queries if uses_gan else 0,
+                            seconds=time.perf_counter() - start, error="",
+                        )
+                        done.write_text(json.dumps(row, indent=2))
+                        rows.append(row)
+                        log(f"{gap.name}/{cell.name}: acc {row['student_acc']:.4f}"
+                            f" fidelity {row['fidelity'] if row['fidelity'] is not None else float('nan'):.4f}"
+                            f" queries {row['queries']} ({row['seconds']:.0f}s)")
+                        write_results(out, rows)
+    write_results(out, rows)
+    return out, rows
+
+
+def _generator(bench, base, gap, seed, teacher, gan_dir: Path, log, run_deprivatize) -> tuple[str, int]:
+    """The deprivatization generator of one gap and seed, trained once and shared by its cells."""
+    path = gan_dir / "generator.pt"
+    if not path.is_file():
+        log(f"deprivatize: training the generator for gap '{gap.name}', seed {seed}")
+        spec = MethodSpec(name="mekd")
+        cfg = cell_config(bench, base, gap, spec, "soft", bench.budgets[0], seed, teacher, None)
+        run_deprivatize(cfg, gan_dir, log=lambda *_: None)
+    from b2kd.blackbox import Ledger
+
+    with Ledger(gan_dir / "ledger.sqlite") as ledger:
+        return str(path), ledger.count()
+
+
+def write_results(out: Path, rows: list[dict]) -> None:
+    """results.json and results.csv (one row per cell; accuracies as fractions)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(rows, indent=2))
+    tmp.replace(out / "results.json")
+    with open(out / "results.csv.tmp", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "results.csv.tmp").replace(out / "results.csv")
