@@ -79,6 +79,9 @@ def load_bench(path: str | Path) -> tuple[BenchConfig, Path]:
     for budget in bench.budgets:
         if budget < 1:
             raise ConfigError(f"{path}: budgets must be positive, got {budget}")
+    methods = [spec.name for spec in bench.methods]
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"{path}: a method is listed more than once: {methods}")
     names = [g.name for g in bench.gaps]
     if len(set(names)) != len(names):
         raise ConfigError(f"{path}: gap names must be distinct, got {names}")

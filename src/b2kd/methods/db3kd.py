@@ -71,7 +71,7 @@ def boundary_distances(
     Returns (distances (n, K), search queries per image (n,)).
     """
     n = len(x0)
-    k_all = num_classes or int(max(labels.max(), exemplar_labels.max())) + 1
+    k_all = num_classes or int(torch.cat([labels, exemplar_labels]).max()) + 1
     img, cls, ex = [], [], []
     for k in range(k_all):  # a loop over classes; every (image, direction) of a class at once
         bank = (exemplar_labels == k).nonzero().flatten()
