@@ -98,7 +98,7 @@ def test_acquire_leaves_the_local_teacher_as_it_was(toy_runs, tmp_path):
     backend = LocalBackend.from_checkpoint(cfg.teacher.checkpoint, "hard")
     model = backend.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    teacher = BlackBoxTeacher(backend, Ledger(tmp_path / "ledger.sqlite"), budget=40)
+    teacher = BlackBoxTeacher(backend, Ledger(tmp_path / "ledger.sqlite"), budget=100)
     method = get_method("dafl")(cfg.distill, teacher.kind)
     acq = Acquisition(teacher=teacher, budget=40, seed=0, device=torch.device("cpu"), out=tmp_path,
                       student=torch.nn.Identity(), fit=lambda *a: None, query_batch=16,
@@ -111,6 +111,13 @@ def test_acquire_leaves_the_local_teacher_as_it_was(toy_runs, tmp_path):
     assert not model.training
     assert all(p.requires_grad and p.grad is None for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    # a new pool size redraws the pool from the stored generator, which is not trained again
+    stamp = (tmp_path / "dafl-generator.pt").stat().st_mtime_ns
+    acq.budget = 30
+    images, _ = method.acquire(acq)
+    assert len(images) == 30
+    assert (tmp_path / "dafl-generator.pt").stat().st_mtime_ns == stamp
     teacher.ledger.close()
 
 

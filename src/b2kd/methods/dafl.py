@@ -35,7 +35,9 @@ ACTIVATION_WEIGHT = 0.1
 ENTROPY_WEIGHT = 5.0
 
 
-def dafl_generator_loss(logits: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+def dafl_generator_loss(
+    logits: torch.Tensor, features: torch.Tensor
+) -> tuple[torch.Tensor, dict[str, float]]:
     """DAFL's generator loss from the teacher's logits and penultimate features.
 
     one_hot: cross-entropy of the logits against their own argmax;
@@ -70,7 +72,7 @@ class DAFL(Method):
     widths = (64, 32)
 
     def train_generator(self, acq: Acquisition) -> Generator:
-        """Train (or reuse from ``dafl-generator.pt``) the DAFL generator against the frozen local teacher.
+        """Train (or read back from ``dafl-generator.pt``) the generator against the local teacher.
 
         The teacher is put in eval mode with its parameters frozen for the
         duration and restored afterwards (it is the backend's own object).
@@ -86,7 +88,7 @@ class DAFL(Method):
         if path.is_file():
             generator, meta = load_generator(path)
             if generator.config == config and meta.get("dafl") == settings:
-                return generator.to(acq.device)
+                return fast_layout(generator.to(acq.device))
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(acq.seed)
@@ -94,7 +96,9 @@ class DAFL(Method):
         optimizer = torch.optim.Adam(generator.parameters(), lr=cfg.dafl_lr)
         rng = torch.Generator().manual_seed(acq.seed + 1)
         features: list[torch.Tensor] = []
-        hook = _final_linear(model).register_forward_hook(lambda m, inputs, out: features.append(inputs[0]))
+        hook = _final_linear(model).register_forward_hook(
+            lambda module, inputs, output: features.append(inputs[0])
+        )
         was_training = model.training
         grad_flags = [p.requires_grad for p in model.parameters()]
         model.eval().requires_grad_(False)
@@ -102,7 +106,8 @@ class DAFL(Method):
         try:
             generator.train()
             for step in range(cfg.dafl_steps):
-                z = torch.randn(cfg.dafl_batch_size, config["latent_dim"], generator=rng).to(acq.device)
+                z = torch.randn(cfg.dafl_batch_size, config["latent_dim"], generator=rng)
+                z = z.to(acq.device)
                 features.clear()
                 logits = model(to_unit(generator(z)))
                 loss, parts = dafl_generator_loss(logits, features[-1])
@@ -122,12 +127,16 @@ class DAFL(Method):
         return generator
 
     def acquire(self, acq: Acquisition) -> tuple[torch.Tensor, torch.Tensor]:
-        """Train the DAFL generator, draw a seeded pool of ``budget`` images from it, pay for it."""
+        """Train the DAFL generator, draw a seeded pool of ``budget`` images from it, pay for it.
+
+        Pays ``budget`` queries through the black-box teacher (cached images are free),
+        exactly like a generator method's fixed pool.
+        """
         if acq.local_model is None:
             raise BlackBoxError("DAFL is white-box: it needs the teacher's own network, not an API")
-        generator = self.train_generator(acq)
+        # the generator is needed (trained, or read back) only when the pool is not stored yet
         images = _load_or_draw(acq.out / "pool.pt", acq.budget, acq.seed, "dafl",
-                               lambda: synthesise(generator, acq.budget, acq.seed))
+                               lambda: synthesise(self.train_generator(acq), acq.budget, acq.seed))
         return images, pay(acq.teacher, images, acq.query_batch, acq.on_paid)
 
     @torch.no_grad()
@@ -136,7 +145,7 @@ class DAFL(Method):
         self.t_logits = teacher_logits(responses, self.kind).to(device)
 
     def loss(self, student, images, idx):
-        """As Knockoff: tau^2 KL at ``distill.tau``; cross-entropy on the label for hard answers with hard_loss=ce."""
+        """As Knockoff: tau^2 KL at ``distill.tau``; CE on the label if hard and hard_loss=ce."""
         logits = student(images)
         if self.kind.is_hard and self.cfg.hard_loss == "ce":
             loss = F.cross_entropy(logits, self.t_logits[idx].argmax(1))
