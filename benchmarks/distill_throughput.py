@@ -154,7 +154,7 @@ def main() -> None:
                                      ("bf16+compile", True, True)):
             try:
                 result["variants"][name] = compare_steps(cfg, args.steps, args.reps, device, bf16, compile_)
-            except Exception as error:  # a variant that cannot run here is reported, not fatal
+            except Exception as error:  # noqa: BLE001 - a variant that cannot run here is reported, not fatal
                 result["variants"][name] = {"error": f"{type(error).__name__}: {error}"}
             print(f"{name}: {result['variants'][name]}", flush=True)  # before any later variant can hang
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -18,9 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from b2kd.blackbox import BlackBoxError, teacher_logits
+from b2kd.blackbox import BlackBoxError
 from b2kd.checkpoint import atomic_save, read
-from b2kd.losses import kd_kl
 from b2kd.methods.base import Acquisition, Method
 from b2kd.pool import pay, sample_private
 
@@ -122,17 +121,7 @@ class ActiveMixup(Method):
                 state["pending"] = private[:0]
             atomic_save(state, path)  # chosen before anything is sent
 
-    @torch.no_grad()
-    def prepare(self, responses: torch.Tensor, device: torch.device) -> None:
-        """Centred teacher logits of the paid pool (one-hot minus 1/K for hard answers)."""
-        self.t_logits = teacher_logits(responses, self.kind).to(device)
-
     def loss(self, student, images, idx):
         """As Knockoff: tau^2 KL at ``distill.tau``; for hard answers with hard_loss=ce,
         cross-entropy on the label."""
-        logits = student(images)
-        if self.kind.is_hard and self.cfg.hard_loss == "ce":
-            loss = F.cross_entropy(logits, self.t_logits[idx].argmax(1))
-        else:
-            loss = kd_kl(logits, self.t_logits[idx], self.cfg.tau)
-        return loss, {"match": float(loss.detach())}
+        return self.match(student(images), idx)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from b2kd.blackbox import teacher_logits
 from b2kd.blackbox.responses import centre
 from b2kd.losses import al_discriminator_loss, al_student_adversarial, kd_kl
 from b2kd.methods.base import Method
@@ -38,7 +37,7 @@ class AL(Method):
     @torch.no_grad()
     def prepare(self, responses: torch.Tensor, device: torch.device) -> None:
         """Centred teacher logits of the paid pool; a fresh discriminator and its Adam."""
-        self.t_logits = teacher_logits(responses, self.kind).to(device)
+        super().prepare(responses, device)
         self.discriminator = logit_discriminator(self.t_logits.shape[1]).to(device)
         self.d_optimizer = torch.optim.Adam(
             self.discriminator.parameters(), lr=self.cfg.al_lr, betas=(0.5, 0.999)

@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from b2kd.blackbox import BlackBoxError, BlackBoxTeacher, ResponseKind
+from b2kd.blackbox import BlackBoxError, BlackBoxTeacher, ResponseKind, teacher_logits
 from b2kd.config import DistillConfig
+from b2kd.losses import kd_kl
 
 
 @dataclass
@@ -79,9 +81,21 @@ class Method(ABC):
             images = load_or_synthesise(acq.generator, acq.budget, acq.seed, acq.out / "pool.pt")
         return images, pay(acq.teacher, images, acq.query_batch, acq.on_paid)
 
-    @abstractmethod
+    @torch.no_grad()
     def prepare(self, responses: torch.Tensor, device: torch.device) -> None:
-        """Turn the paid pool's responses into whatever the loss reads per batch."""
+        """Turn the paid pool's responses into what the loss reads per batch: by default the
+        centred teacher logits (log-probs; one-hot minus 1/K for hard answers)."""
+        self.t_logits = teacher_logits(responses, self.kind).to(device)
+
+    def match(self, logits: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Knockoff's loss, shared by the methods that train on stored answers as they are:
+        tau^2 KL at ``distill.tau``, or cross-entropy on the teacher's label for hard answers
+        with ``distill.hard_loss=ce``."""
+        if self.kind.is_hard and self.cfg.hard_loss == "ce":
+            loss = F.cross_entropy(logits, self.t_logits[idx].argmax(1))
+        else:
+            loss = kd_kl(logits, self.t_logits[idx], self.cfg.tau)
+        return loss, {"match": float(loss.detach())}
 
     @abstractmethod
     def loss(

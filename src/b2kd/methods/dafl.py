@@ -22,9 +22,8 @@ import json
 import torch
 import torch.nn.functional as F
 
-from b2kd.blackbox import BlackBoxError, teacher_logits
+from b2kd.blackbox import BlackBoxError
 from b2kd.checkpoint import load_generator, save_generator
-from b2kd.losses import kd_kl
 from b2kd.methods.base import Acquisition, Method
 from b2kd.models import Generator, to_unit
 from b2kd.pool import _load_or_draw, pay, synthesise
@@ -139,16 +138,6 @@ class DAFL(Method):
                                lambda: synthesise(self.train_generator(acq), acq.budget, acq.seed))
         return images, pay(acq.teacher, images, acq.query_batch, acq.on_paid)
 
-    @torch.no_grad()
-    def prepare(self, responses: torch.Tensor, device: torch.device) -> None:
-        """Centred teacher logits of the paid pool (one-hot minus 1/K for hard answers)."""
-        self.t_logits = teacher_logits(responses, self.kind).to(device)
-
     def loss(self, student, images, idx):
         """As Knockoff: tau^2 KL at ``distill.tau``; CE on the label if hard and hard_loss=ce."""
-        logits = student(images)
-        if self.kind.is_hard and self.cfg.hard_loss == "ce":
-            loss = F.cross_entropy(logits, self.t_logits[idx].argmax(1))
-        else:
-            loss = kd_kl(logits, self.t_logits[idx], self.cfg.tau)
-        return loss, {"match": float(loss.detach())}
+        return self.match(student(images), idx)

@@ -9,9 +9,6 @@ top-1: the edge has no ground-truth labels.
 
 from __future__ import annotations
 
-import torch
-
-from b2kd.blackbox import teacher_logits
 from b2kd.losses import dkd_loss
 from b2kd.methods.base import Method
 
@@ -20,11 +17,6 @@ class DKD(Method):
     name = "dkd"
     source = "local"
     needs_soft = True
-
-    @torch.no_grad()
-    def prepare(self, responses: torch.Tensor, device: torch.device) -> None:
-        """Centred teacher logits (log-probs) of the paid transfer set."""
-        self.t_logits = teacher_logits(responses, self.kind).to(device)
 
     def loss(self, student, images, idx):
         """alpha * TCKD + beta * NCKD, target = the teacher's top-1."""

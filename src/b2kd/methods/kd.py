@@ -8,9 +8,6 @@ carries no temperature to soften.
 
 from __future__ import annotations
 
-import torch
-
-from b2kd.blackbox import teacher_logits
 from b2kd.losses import kd_kl
 from b2kd.methods.base import Method
 
@@ -19,11 +16,6 @@ class KD(Method):
     name = "kd"
     source = "local"
     needs_soft = True
-
-    @torch.no_grad()
-    def prepare(self, responses: torch.Tensor, device: torch.device) -> None:
-        """Centred teacher logits (log-probs) of the paid transfer set."""
-        self.t_logits = teacher_logits(responses, self.kind).to(device)
 
     def loss(self, student, images, idx):
         """tau^2 * KL(softmax(t/tau) || softmax(s/tau))."""

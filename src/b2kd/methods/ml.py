@@ -8,9 +8,6 @@ logits up to a per-row constant, removed by centring.
 
 from __future__ import annotations
 
-import torch
-
-from b2kd.blackbox import teacher_logits
 from b2kd.losses import logit_matching
 from b2kd.methods.base import Method
 
@@ -19,11 +16,6 @@ class ML(Method):
     name = "ml"
     source = "local"
     needs_soft = True
-
-    @torch.no_grad()
-    def prepare(self, responses: torch.Tensor, device: torch.device) -> None:
-        """Centred teacher log-probs of the paid transfer set."""
-        self.t_logits = teacher_logits(responses, self.kind).to(device)
 
     def loss(self, student, images, idx):
         """MSE(student logits, centred teacher log-probs)."""
