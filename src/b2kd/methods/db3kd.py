@@ -164,6 +164,11 @@ class DB3KD(Method):
         self.t_logits = torch.log(responses.float().clamp_min(PROB_FLOOR)).to(device)
 
     def loss(self, student, images, idx):
-        """tau^2 KL at ``distill.tau`` towards the boundary soft labels."""
-        loss = kd_kl(student(images), self.t_logits[idx], self.cfg.tau)
+        """KL towards the boundary soft labels at temperature 1.
+
+        They are already a calibrated distribution: softening them again at
+        ``distill.tau`` (5) flattened them to near-uniform targets, and students
+        stayed at chance (10-20% on MNIST, measured in the CPU bench).
+        """
+        loss = kd_kl(student(images), self.t_logits[idx], 1.0)
         return loss, {"kd": float(loss.detach())}
