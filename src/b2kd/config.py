@@ -96,6 +96,7 @@ class DistillConfig(_Section):
     # local-data methods: fill a budget past the private set's size with shifted copies of it
     transfer_copies: bool = False
     steps: int | None = Field(None, ge=1)  # training length in steps, whatever the pool's size
+    grad_clip: float | None = Field(None, gt=0)  # cap on the student's global gradient norm
     # baselines (b2kd.methods); each reads only its own keys
     dkd_alpha: float = 1.0  # DKD target-class term
     dkd_beta: float = 8.0  # DKD non-target-class term

@@ -30,11 +30,17 @@ def split_pool(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, to
     return perm[n_val:], perm[:n_val]
 
 
-def train_step(method, student: torch.nn.Module, optimizer, images: torch.Tensor, idx: torch.Tensor):
-    """One optimisation step of the student on a batch of paid images; returns the loss and its parts."""
+def train_step(method, student: torch.nn.Module, optimizer, images: torch.Tensor, idx: torch.Tensor,
+               grad_clip: float | None = None):
+    """One optimisation step of the student on a batch of paid images; returns the loss and its parts.
+
+    ``grad_clip`` caps the global gradient norm (None: no cap).
+    """
     loss, parts = method.loss(student, images, idx)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
     optimizer.step()
     return loss, parts
 
@@ -77,7 +83,7 @@ def distill(
         student.train()
         for _ in range(steps):
             idx = torch.randint(len(pool), (min(d.batch_size, len(pool)),), generator=rng).to(device)
-            train_step(method, student, opt, augment(pool[idx], generator=rng), idx)
+            train_step(method, student, opt, augment(pool[idx], generator=rng), idx, d.grad_clip)
 
     acq = Acquisition(
         teacher=teacher, budget=d.budget, seed=cfg.seed, device=device, out=out, student=student,
@@ -120,7 +126,8 @@ def distill(
         start = time.perf_counter()
         for step in range(steps):
             idx = order[step * d.batch_size : (step + 1) * d.batch_size].to(device)
-            loss, parts = train_step(method, student, optimizer, augment(images[idx], generator=rng), idx)
+            loss, parts = train_step(method, student, optimizer, augment(images[idx], generator=rng), idx,
+                                     d.grad_clip)
             for key, value in {"loss": loss.item(), **parts}.items():
                 totals[key] = totals.get(key, 0.0) + value
         seconds = time.perf_counter() - start

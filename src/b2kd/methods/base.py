@@ -87,14 +87,16 @@ class Method(ABC):
         centred teacher logits (log-probs; one-hot minus 1/K for hard answers)."""
         self.t_logits = teacher_logits(responses, self.kind).to(device)
 
-    def match(self, logits: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Knockoff's loss, shared by the methods that train on stored answers as they are:
-        tau^2 KL at ``distill.tau``, or cross-entropy on the teacher's label for hard answers
-        with ``distill.hard_loss=ce``."""
+    def match(
+        self, logits: torch.Tensor, idx: torch.Tensor, tau: float | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of the methods that train on stored answers as they are: tau^2 KL at
+        ``tau`` (default ``distill.tau``), or cross-entropy on the teacher's label for hard
+        answers with ``distill.hard_loss=ce``."""
         if self.kind.is_hard and self.cfg.hard_loss == "ce":
             loss = F.cross_entropy(logits, self.t_logits[idx].argmax(1))
         else:
-            loss = kd_kl(logits, self.t_logits[idx], self.cfg.tau)
+            loss = kd_kl(logits, self.t_logits[idx], self.cfg.tau if tau is None else tau)
         return loss, {"match": float(loss.detach())}
 
     @abstractmethod

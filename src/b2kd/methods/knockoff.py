@@ -1,8 +1,8 @@
 """KN, Knockoff Nets (Orekondy et al., CVPR 2019), random strategy: the baseline that sends local images.
 
 A random transfer set drawn from the edge's private images is queried once
-(within the budget) and the student is trained on the stored responses with
-the KD loss. It needs no generator, and every image it pays for is a private
+(within the budget) and the student is trained on the stored responses as they
+are (temperature 1). It needs no generator, and every image it pays for is a private
 image sent as it is: ``b2kd audit`` shows exactly that contrast with MEKD.
 """
 
@@ -17,8 +17,9 @@ class Knockoff(Method):
     needs_soft = False
 
     def loss(self, student, images, idx):
-        """tau^2 KL at ``distill.tau``; cross-entropy on the label for hard answers with hard_loss=ce.
+        """Cross-entropy with the teacher's probabilities as they are (KL at temperature 1, as
+        Knockoff trains); cross-entropy on the label for hard answers with hard_loss=ce.
 
-        The same choice as MEKD's matching term, so the two compare on equal terms.
+        Not softened at ``distill.tau``: that would make it the KD baseline on the same pool.
         """
-        return self.match(student(images), idx)
+        return self.match(student(images), idx, tau=1.0)
