@@ -93,12 +93,16 @@ def plot(lines: list[dict], gap: str, path: Path) -> bool:
     except ImportError:
         return False
     mine = [line for line in lines if line["gap"] == gap and line["seeds"]]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    names = list(dict.fromkeys(line["label"] for line in mine))
+    colours = plt.get_cmap("tab20")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, key, xlabel in ((axes[0], "queries", "queries"), (axes[1], "mb_sent", "MB sent")):
-        for name in dict.fromkeys(line["label"] for line in mine):
+        for i, name in enumerate(names):
             pts = sorted((line[key], line["acc"]) for line in mine if line["label"] == name)
+            hard = name.endswith(" hard")  # hard-label runs dashed, every line its own colour
             ax.errorbar([p[0] for p in pts], [100 * p[1][0] for p in pts], yerr=[100 * p[1][1] for p in pts],
-                        marker="o", capsize=3, label=name)
+                        marker="os^vD<>px*hH"[i % 12], capsize=3, label=name, color=colours(i % 20),
+                        linestyle="--" if hard else "-")
         teacher = next((line["teacher_acc"] for line in mine if line.get("teacher_acc") is not None), None)
         if teacher is not None:
             ax.axhline(100 * teacher, color="black", linestyle="--", linewidth=1, label="teacher")
