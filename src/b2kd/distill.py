@@ -66,8 +66,12 @@ def distill(
     d = cfg.distill
     method = get_method(d.method)(d, teacher.kind, generator)
     channels, size, _ = teacher.image_shape
-    torch.manual_seed(cfg.seed)
-    student = fast_layout(build_model(d.student, teacher.num_classes, channels, size).to(device))
+
+    def new_student() -> torch.nn.Module:
+        torch.manual_seed(cfg.seed)
+        return fast_layout(build_model(d.student, teacher.num_classes, channels, size).to(device))
+
+    student = new_student()
 
     augment = Augment(crop_padding=d.crop_padding)
 
@@ -85,17 +89,16 @@ def distill(
             idx = torch.randint(len(pool), (min(d.batch_size, len(pool)),), generator=rng).to(device)
             train_step(method, student, opt, augment(pool[idx], generator=rng), idx, d.grad_clip)
 
+    if method.source == "local" and private is None:
+        raise ValueError(f"method '{d.method}' queries local images, but none were given")
     acq = Acquisition(
         teacher=teacher, budget=d.budget, seed=cfg.seed, device=device, out=out, student=student,
         fit=fit, generator=generator, private=private, query_batch=d.query_batch, on_paid=on_paid,
         local_model=local_model if method.white_box else None,
     )
-    if method.source == "local" and private is None:
-        raise ValueError(f"method '{d.method}' queries local images, but none were given")
     images, responses = method.acquire(acq)
     if fitted:
-        torch.manual_seed(cfg.seed)  # the final student starts from the same weights whatever came before
-        student = fast_layout(build_model(d.student, teacher.num_classes, channels, size).to(device))
+        student = new_student()  # the final student starts from the same weights whatever came before
     teacher_top1 = top1(responses)
     train_idx, val_idx = split_pool(len(images), d.val_fraction, cfg.seed)
     method.prepare(responses, device)

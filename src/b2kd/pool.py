@@ -61,7 +61,7 @@ def sample_private(private: torch.Tensor, n: int, seed: int, copies: bool = Fals
     return torch.cat(chunks)
 
 
-def _load_or_draw(
+def load_or_draw(
     path: str | Path, n: int, seed: int, source: str, draw: Callable[[], torch.Tensor]
 ) -> torch.Tensor:
     """The pool's images, fixed on first use so a resumed run queries the very same bytes.
@@ -83,7 +83,7 @@ def load_or_synthesise(
     generator: torch.nn.Module, n: int, seed: int, path: str | Path
 ) -> torch.Tensor:
     """A pool of ``n`` generator images (see :func:`synthesise`), stored at ``path``."""
-    return _load_or_draw(path, n, seed, "generator", lambda: synthesise(generator, n, seed))
+    return load_or_draw(path, n, seed, "generator", lambda: synthesise(generator, n, seed))
 
 
 def load_or_sample_private(
@@ -92,7 +92,7 @@ def load_or_sample_private(
     """A pool of private images (capped at the private set's size unless ``copies``), stored at ``path``."""
     if not copies:
         n = min(n, len(private))
-    return _load_or_draw(path, n, seed, "local", lambda: sample_private(private, n, seed, copies))
+    return load_or_draw(path, n, seed, "local", lambda: sample_private(private, n, seed, copies))
 
 
 def pay(teacher: BlackBoxTeacher, images: torch.Tensor, chunk: int = 500, on_chunk=None) -> torch.Tensor:

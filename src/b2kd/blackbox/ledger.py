@@ -66,21 +66,10 @@ class Ledger:
 
     def lookup(self, hashes: list[str], kind: str) -> dict[str, torch.Tensor]:
         """Cached responses for the hashes already paid for with this response kind."""
-        found: dict[str, torch.Tensor] = {}
-        unique = list(dict.fromkeys(hashes))
-        for start in range(0, len(unique), 500):
-            chunk = unique[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(
-                f"SELECT hash, response FROM queries WHERE kind = ? AND hash IN ({marks})",
-                [kind, *chunk],
-            )
-            for h, blob in rows:
-                found[h] = torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy())
-        return found
+        return {h: response for h, (response, _, _) in self.lookup_rows(hashes, kind).items()}
 
     def lookup_rows(self, hashes: list[str], kind: str) -> dict[str, tuple[torch.Tensor, int, int]]:
-        """Like :meth:`lookup`, with the bytes each cached query cost: (response, sent, received)."""
+        """Cached (response, bytes sent, bytes received) for the hashes already paid for with this kind."""
         found: dict[str, tuple[torch.Tensor, int, int]] = {}
         unique = list(dict.fromkeys(hashes))
         for start in range(0, len(unique), 500):

@@ -72,9 +72,7 @@ class Method(ABC):
         """
         from b2kd.pool import load_or_sample_private, load_or_synthesise, pay
 
-        if self.source == "local":
-            if acq.private is None:
-                raise BlackBoxError(f"method '{self.name}' queries local images, but none were given")
+        if self.source == "local":  # distill() has checked that local images were given
             images = load_or_sample_private(acq.private, acq.budget, acq.seed, acq.out / "pool.pt",
                                             copies=self.cfg.transfer_copies)
         else:

@@ -26,7 +26,7 @@ from b2kd.blackbox import BlackBoxError
 from b2kd.checkpoint import load_generator, save_generator
 from b2kd.methods.base import Acquisition, Method
 from b2kd.models import Generator, to_unit
-from b2kd.pool import _load_or_draw, pay, synthesise
+from b2kd.pool import load_or_draw, pay, synthesise
 from b2kd.runtime import fast_layout
 
 #: Weights of the DAFL generator loss (the paper's MNIST settings).
@@ -134,7 +134,7 @@ class DAFL(Method):
         if acq.local_model is None:
             raise BlackBoxError("DAFL is white-box: it needs the teacher's own network, not an API")
         # the generator is needed (trained, or read back) only when the pool is not stored yet
-        images = _load_or_draw(acq.out / "pool.pt", acq.budget, acq.seed, "dafl",
+        images = load_or_draw(acq.out / "pool.pt", acq.budget, acq.seed, "dafl",
                                lambda: synthesise(self.train_generator(acq), acq.budget, acq.seed))
         return images, pay(acq.teacher, images, acq.query_batch, acq.on_paid)
 
