@@ -6,8 +6,8 @@ from b2kd.blackbox import ResponseKind
 from b2kd.config import DistillConfig
 from b2kd.distill import train_step
 from b2kd.losses import kd_kl
-from b2kd.methods.knockoff import Knockoff
 from b2kd.methods.kd import KD
+from b2kd.methods.knockoff import Knockoff
 
 
 def _setup():
