@@ -110,6 +110,9 @@ MALFORMED = {
     "negative size": (_json({"inputs": [_entry(shape=[-1, 2], data=[1, 2])]}), None, ">= 0"),
     "bool size": (_json({"inputs": [_entry(shape=[True, 2], data=[1, 2])]}), None, ">= 0"),
     "bad datatype": (_json({"inputs": [_entry(datatype="UINT9", data=[1, 2])]}), None, "unsupported"),
+    "datatype a list": (_json({"inputs": [_entry(datatype=["UINT8"], data=[1, 2])]}), None, "unsupported"),
+    "datatype an object": (_json({"inputs": [_entry(datatype={"UINT8": 1}, data=[1, 2])]}), None,
+                           "unsupported"),
     "strings": (_json({"inputs": [_entry(data=["a", "b"])]}), None, "do not fit"),
     "duplicate": (_json({"inputs": [_entry(data=[1, 2]), _entry(data=[1, 2])]}), None, "twice"),
     "binary, no header": (_json({"inputs": [_entry(parameters={"binary_data_size": 2})]}), None,
@@ -155,6 +158,24 @@ def test_huge_declared_shapes_are_refused_before_allocating():
 def test_decoding_arbitrary_bytes_only_ever_raises_protocol_errors(body, length):
     try:
         _roundtrip(body, length, max_elements=10_000)
+    except ProtocolError as exc:
+        assert 400 <= exc.status < 500 and str(exc)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(fields=st.dictionaries(st.sampled_from(["name", "datatype", "shape", "data", "parameters"]),
+                              json_values))
+def test_any_json_in_any_tensor_field_only_ever_raises_protocol_errors(fields):
+    """Non-string datatypes, listed names, nested shapes...: a 4xx each, never a TypeError (a 500)."""
+    entry = {**_entry(data=[1, 2]), **fields}
+    try:
+        _roundtrip(_json({"inputs": [entry]}), None, max_elements=10_000)
     except ProtocolError as exc:
         assert 400 <= exc.status < 500 and str(exc)
 

@@ -175,7 +175,7 @@ def decode(body: bytes, length: int | None, key: str, max_elements: int | None =
             raise ProtocolError(f"{key}[{i}] needs a name (a non-empty string)")
         if name in message.tensors:
             raise ProtocolError(f"tensor '{name}' is given twice")
-        if datatype not in DATATYPES:
+        if not isinstance(datatype, str) or datatype not in DATATYPES:  # a list is unhashable
             raise ProtocolError(f"tensor '{name}': unsupported datatype {datatype!r:.40};"
                                 f" use one of {', '.join(DATATYPES)}")
         if not isinstance(shape, list) or len(shape) > 8:
