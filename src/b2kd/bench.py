@@ -31,7 +31,7 @@ from b2kd.methods import get_method
 
 FIELDS = [
     "gap", "method", "white_box", "response", "budget", "seed", "status", "teacher_acc",
-    "student_acc", "student_acc_last", "fidelity", "queries", "bytes_sent", "bytes_received",
+    "student_acc", "student_acc_last", "dev_acc", "fidelity", "queries", "bytes_sent", "bytes_received",
     "setup_queries", "seconds", "hardware", "error",
 ]
 
@@ -174,7 +174,8 @@ def run_bench(path: str | Path, out: str | Path | None = None, log=print) -> tup
                             continue
                         row.update(
                             status="ok", teacher_acc=report["teacher_acc"], student_acc=report["student_acc"],
-                            student_acc_last=report["latest"]["acc"], fidelity=report["fidelity"],
+                            student_acc_last=report["latest"]["acc"], dev_acc=report.get("dev_acc"),
+                            fidelity=report["fidelity"],
                             queries=summary["queries"], bytes_sent=summary["bytes_sent"],
                             bytes_received=summary["bytes_received"],
                             setup_queries=setup_queries if uses_gan else 0,

@@ -48,6 +48,9 @@ def summarise(rows: list[dict]) -> list[dict]:
             line["acc_last"] = _mean_std([r["student_acc_last"] for r in ok])
             fid = [r["fidelity"] for r in ok if r.get("fidelity") is not None]
             line["fidelity"] = _mean_std(fid) if fid else None
+            dev = [r["dev_acc"] for r in ok if r.get("dev_acc") not in (None, "")]
+            line["dev"] = _mean_std([float(v) for v in dev]) if dev else None
+            line["setup"] = statistics.mean(float(r.get("setup_queries") or 0) for r in ok)
             line["queries"] = statistics.mean(r["queries"] for r in ok)
             line["mb_sent"] = statistics.mean(r["bytes_sent"] for r in ok) / 1e6
             line["seconds"] = statistics.mean(r["seconds"] for r in ok)
@@ -69,17 +72,18 @@ def markdown(lines: list[dict]) -> str:
         out.append(f"### gap: {gap}" + (f" (teacher {100 * teacher:.2f}%)" if teacher is not None else ""))
         out.append("")
         out.append("| method | response | budget | seeds | accuracy % (best on val) | accuracy % (last)"
-                   " | fidelity % | queries | MB sent | s per cell |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|")
+                   " | dev % | fidelity % | queries (pool + setup) | MB sent | s per cell |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
         for line in mine:
             name = line["label"].rsplit(" ", 1)[0]
             seeds = f"{line['seeds']}" + (f" ({line['failed']} failed)" if line["failed"] else "")
             if line["seeds"]:
+                setup = f" + {line['setup']:.0f}" if line["setup"] else ""
                 out.append(f"| {name} | {line['response']} | {line['budget']} | {seeds} | {_pct(line['acc'])}"
-                           f" | {_pct(line['acc_last'])} | {_pct(line['fidelity'])} | {line['queries']:.0f}"
-                           f" | {line['mb_sent']:.1f} | {line['seconds']:.0f} |")
+                           f" | {_pct(line['acc_last'])} | {_pct(line['dev'])} | {_pct(line['fidelity'])}"
+                           f" | {line['queries']:.0f}{setup} | {line['mb_sent']:.1f} | {line['seconds']:.0f} |")
             else:
-                out.append(f"| {name} | {line['response']} | {line['budget']} | {seeds} | – | – | – | – | – | – |")
+                out.append(f"| {name} | {line['response']} | {line['budget']} | {seeds} | – | – | – | – | – | – | – |")
         out.append("")
     return "\n".join(out)
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class ConfigError(Exception):
@@ -29,6 +30,9 @@ class DataConfig(_Section):
     channels: int = 1
     local_fraction: float = Field(0.1, gt=0, lt=1)
     split_seed: int = 0
+    # labelled images of the teacher's training split outside the private set: every tuned value
+    # is chosen on them (reported as dev_acc), never on the test set
+    dev_size: int = Field(5000, ge=0)
     # a distribution gap between the teacher's data and the private set (b2kd.data.shift)
     private_shift: Literal["none", "imbalance", "corrupt"] = "none"
     shift_classes: list[int] = [5, 6, 7, 8, 9]  # imbalance: these classes ...
@@ -45,6 +49,20 @@ class TeacherConfig(_Section):
     api_key: str | None = None  # sent as 'Authorization: Bearer KEY'; never written to config.yaml
     binary: bool = True  # images as raw bytes (binary tensor extension), not JSON lists
     shared_cache: str | None = None  # a ledger of responses paid once and reused across runs (bench)
+    # a served model's inputs and answers (b2kd.blackbox.preprocess, README "Any provider"):
+    # FP32/FP16 inputs get (pixel * scale - mean) / std per channel, from a preset and/or the keys
+    input_preset: str | None = None  # raw, unit, symmetric, mnist, cifar10, imagenet
+    input_scale: float | None = None
+    input_mean: list[float] | None = None
+    input_std: list[float] | None = None
+    output: Literal["probabilities", "logits"] = "probabilities"  # logits: softmax on the edge
+    # every wait is bounded: connection errors and 5xx are retried `retries` times; each wait
+    # (Retry-After or backoff) is at most max_wait_s, a request gives up after max_total_wait_s
+    timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(6, ge=0)
+    backoff_s: float = Field(0.5, gt=0)
+    max_wait_s: float = Field(60.0, gt=0)
+    max_total_wait_s: float = Field(600.0, gt=0)
     epochs: int = 3
     batch_size: int = 128
     lr: float = 0.05
@@ -65,15 +83,22 @@ class DeprivatizeConfig(_Section):
     query_every: int = 4  # query the teacher on every k-th generator step
     query_batch: int = 16  # images queried at each such step
     max_queries: int = 5000  # the stage's own budget
+    init: Literal["default", "dcgan"] = "default"  # dcgan: N(0, 0.02) weights, BN scales N(1, 0.02)
+    diffaugment: list[Literal["color", "translation", "cutout"]] = []  # before D, real and fake
+    ema: float | None = Field(None, gt=0, lt=1)  # decay of an average of G's weights (None: off)
+    # "score": keep the epoch (from select_from x epochs on) whose paid answers score highest by
+    # b2kd.gan_score (confident and class-balanced; no labels, no test set); "last": the last epoch
+    select: Literal["last", "score"] = "last"
+    select_from: float = Field(0.5, ge=0, lt=1)
 
 
 class DistillConfig(_Section):
     method: str = "mekd"
     response: str = "soft"
-    budget: int = 20000
+    budget: int = Field(20000, ge=1)
     student: str = "resnet8"
-    epochs: int = 20
-    batch_size: int = 128
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(128, ge=1)
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -97,6 +122,22 @@ class DistillConfig(_Section):
     transfer_copies: bool = False
     steps: int | None = Field(None, ge=1)  # training length in steps, whatever the pool's size
     grad_clip: float | None = Field(None, gt=0)  # cap on the student's global gradient norm
+    warmup_steps: int = Field(0, ge=0)  # linear learning-rate warm-up; the schedule steps per step
+    # semi-supervised distillation (b2kd.semisup): the private images train the student on the
+    # device, unlabelled (FixMatch consistency on confident pseudo-labels); never sent
+    local_unlabelled: bool = False
+    unlabelled_weight: float = Field(1.0, ge=0)
+    unlabelled_threshold: float = Field(0.95, ge=0, le=1)
+    unlabelled_ratio: float = Field(1.0, gt=0)  # unlabelled batch = ratio x batch_size
+    # generator methods: add the images deprivatization paid for, with their answers, to the pool
+    # (no new query; counted as setup_queries beside the pool's)
+    reuse_setup: bool = False
+    # generator methods: "balanced" pays a first part at random, fits the student on it, then
+    # spends the rest on free generator candidates chosen so the teacher's classes are even
+    pool: Literal["random", "balanced"] = "random"
+    balance_first: float = Field(0.25, gt=0, le=1)  # share of the budget paid at random first
+    balance_candidates: int = Field(4, ge=1)  # candidates scored per remaining query
+    balance_fit_steps: int = Field(200, ge=0)  # student steps on the first part
     # baselines (b2kd.methods); each reads only its own keys
     dkd_alpha: float = 1.0  # DKD target-class term
     dkd_beta: float = 8.0  # DKD non-target-class term
@@ -114,6 +155,29 @@ class DistillConfig(_Section):
     dafl_steps: int = Field(300, ge=0)  # DAFL: white-box generator steps
     dafl_batch_size: int = Field(64, ge=1)
     dafl_lr: float = 0.02  # DAFL generator's Adam learning rate
+
+    @model_validator(mode="after")
+    def _budget_pays_for_training(self) -> DistillConfig:
+        """Refuse, before anything is paid, a budget whose pool cannot fill one training batch."""
+        least = min_budget(self.batch_size, self.val_fraction)
+        if self.budget < least:
+            raise PydanticCustomError(
+                "budget_too_small",
+                "budget {budget} is too small: the paid pool must hold at least one full"
+                " training batch (distill.batch_size {batch}) plus its validation slice"
+                " (distill.val_fraction {val}), so at least {least} queries",
+                {"budget": self.budget, "batch": self.batch_size, "val": self.val_fraction,
+                 "least": least})
+        return self
+
+
+def min_budget(batch_size: int, val_fraction: float) -> int:
+    """The smallest pool whose training part holds ``batch_size`` images and whose validation
+    slice (``round(n * val_fraction)``, as b2kd.distill splits it) is not empty when asked for."""
+    n = batch_size
+    while n - round(n * val_fraction) < batch_size or (val_fraction > 0 and round(n * val_fraction) < 1):
+        n += 1
+    return n
 
 
 class ServeConfig(_Section):

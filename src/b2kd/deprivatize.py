@@ -19,7 +19,9 @@ import torch
 from b2kd.blackbox import BlackBoxTeacher, to_probs
 from b2kd.checkpoint import atomic_save, read, save_generator
 from b2kd.config import DeprivatizeConfig
+from b2kd.diffaugment import diff_augment
 from b2kd.engine import epoch_generator
+from b2kd.gan_score import answer_score
 from b2kd.grid import save_grid
 from b2kd.losses import gan_discriminator_loss, gan_generator_loss, information_maximisation
 from b2kd.models import Discriminator, Generator, quantize_uint8
@@ -28,6 +30,19 @@ from b2kd.models import Discriminator, Generator, quantize_uint8
 def _to_gan_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float [-1, 1], the generator's output range."""
     return images.float() / 127.5 - 1.0
+
+
+def dcgan_init(module: torch.nn.Module) -> None:
+    """DCGAN's initialisation (Radford et al., 2016): conv and linear weights N(0, 0.02), zero
+    biases; BatchNorm scales N(1, 0.02), zero shifts."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                torch.nn.init.zeros_(m.bias)
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.normal_(m.weight, 1.0, 0.02)
+            torch.nn.init.zeros_(m.bias)
 
 
 def planned_queries(cfg: DeprivatizeConfig, num_private: int) -> int:
@@ -56,6 +71,17 @@ def deprivatize(
     torch.manual_seed(seed)
     gen = Generator(teacher.num_classes, size, channels, tuple(cfg.widths)).to(device)
     disc = Discriminator(size, channels).to(device)
+    if cfg.init == "dcgan":
+        dcgan_init(gen)
+        dcgan_init(disc)
+    # an exponential moving average of G's weights (and BatchNorm statistics): torch's own
+    ema = None
+    if cfg.ema is not None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(gen, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    policies = tuple(cfg.diffaugment)
+    best = {"score": float("-inf"), "epoch": -1, "state": None}
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     state_path = out / "checkpoints" / "gan_latest.pt"
@@ -66,6 +92,9 @@ def deprivatize(
         disc.load_state_dict(state["discriminator"])
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        best = state.get("best", best)
         start_epoch = state["epoch"] + 1
         log(f"resuming deprivatization at epoch {start_epoch + 1}")
 
@@ -76,6 +105,7 @@ def deprivatize(
         rng = epoch_generator(seed, epoch)
         perm = torch.randperm(len(real_all), generator=rng)
         sums = {"d": 0.0, "g": 0.0, "im": 0.0}
+        answered = []  # this epoch's paid answers, as probabilities: the selection score's input
         gen.train()
         disc.train()
         for step in range(steps_per_epoch):
@@ -84,19 +114,24 @@ def deprivatize(
             z = torch.randn(len(idx), teacher.num_classes, generator=rng).to(device)
             fake = gen(z)
 
-            d_loss = gan_discriminator_loss(disc(real), disc(fake.detach()))
+            if policies:
+                real = diff_augment(real, policies, rng)
+            seen = diff_augment(fake, policies, rng) if policies else fake
+            d_loss = gan_discriminator_loss(disc(real), disc(seen.detach()))
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             opt_d.step()
 
-            fake_logits = disc(fake)
+            fake_logits = disc(diff_augment(fake, policies, rng) if policies else fake)
             g_loss = gan_generator_loss(fake_logits)
             global_step = epoch * steps_per_epoch + step
             m = min(cfg.query_batch, len(idx))
             affordable = teacher.remaining is None or teacher.remaining >= m
             if global_step % cfg.query_every == 0 and affordable:
                 api = teacher.query(quantize_uint8(fake[:m].detach()).cpu())
-                confidence = to_probs(api, teacher.kind).max(1).values.to(device)
+                probs = to_probs(api, teacher.kind)
+                answered.append(probs)
+                confidence = probs.max(1).values.to(device)
                 im = information_maximisation(fake_logits[:m], confidence)
                 g_loss = g_loss + cfg.alpha * im
                 sums["im"] += im.item()
@@ -105,9 +140,17 @@ def deprivatize(
             opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
             opt_g.step()
+            if ema is not None:
+                ema.update_parameters(gen)
             sums["d"] += d_loss.item()
             sums["g"] += g_loss.item()
 
+        score = answer_score(torch.cat(answered)) if answered else None
+        eligible = epoch >= math.floor(cfg.select_from * cfg.epochs)
+        if cfg.select == "score" and eligible and score is not None and score > best["score"]:
+            chosen = ema.module if ema is not None else gen
+            best = {"score": score, "epoch": epoch,
+                    "state": {k: v.detach().cpu().clone() for k, v in chosen.state_dict().items()}}
         atomic_save(
             {
                 "kind": "gan_state",
@@ -115,23 +158,33 @@ def deprivatize(
                 "discriminator": disc.state_dict(),
                 "opt_g": opt_g.state_dict(),
                 "opt_d": opt_d.state_dict(),
+                "ema": None if ema is None else ema.state_dict(),
+                "best": best,
                 "epoch": epoch,
             },
             state_path,
         )
         record = {"epoch": epoch, **{k: v / steps_per_epoch for k, v in sums.items()},
-                  "queries": teacher.spent, "seconds": time.perf_counter() - t0}
+                  "queries": teacher.spent, "score": score, "seconds": time.perf_counter() - t0}
         with open(out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
         log(f"deprivatize epoch {epoch + 1}/{cfg.epochs}: D {record['d']:.3f} G {record['g']:.3f}"
             f" queries {teacher.spent} ({record['seconds']:.0f}s)")
 
+    selected_epoch = cfg.epochs - 1
+    if ema is not None:
+        gen = ema.module
+    if cfg.select == "score" and best["state"] is not None:
+        gen.load_state_dict(best["state"])
+        selected_epoch = best["epoch"]
+        log(f"deprivatize: generator of epoch {selected_epoch + 1} chosen (answer score {best['score']:.3f})")
     gen.eval()
     with torch.no_grad():
         z = torch.randn(64, teacher.num_classes, generator=torch.Generator().manual_seed(seed))
         samples = quantize_uint8(gen(z.to(device))).cpu()
     grid = save_grid(samples, out / "images" / "generator_samples.png", nrow=8)
     meta = {"role": "generator", "image_shape": list(teacher.image_shape),
-            "num_classes": teacher.num_classes, "epochs": cfg.epochs, "queries": teacher.spent}
+            "num_classes": teacher.num_classes, "epochs": cfg.epochs, "queries": teacher.spent,
+            "selected_epoch": selected_epoch, "score": best["score"] if best["state"] is not None else None}
     save_generator(gen.cpu(), out / "generator.pt", **meta)
     return {**meta, "generator": str(out / "generator.pt"), "samples": str(grid)}

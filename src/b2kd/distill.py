@@ -16,11 +16,13 @@ import torch
 from b2kd.blackbox import BlackBoxTeacher, top1
 from b2kd.config import Config
 from b2kd.data import Augment
-from b2kd.engine import Engine, make_optimizer, make_scheduler
+from b2kd.data.augment import StrongAugment
+from b2kd.engine import Engine, make_optimizer, make_step_scheduler
 from b2kd.methods import get_method
 from b2kd.methods.base import Acquisition
 from b2kd.models import build_model
 from b2kd.runtime import fast_layout
+from b2kd.semisup import LocalUnlabelled
 
 
 def split_pool(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,12 +33,17 @@ def split_pool(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, to
 
 
 def train_step(method, student: torch.nn.Module, optimizer, images: torch.Tensor, idx: torch.Tensor,
-               grad_clip: float | None = None):
+               grad_clip: float | None = None, extra=None):
     """One optimisation step of the student on a batch of paid images; returns the loss and its parts.
 
-    ``grad_clip`` caps the global gradient norm (None: no cap).
+    ``grad_clip`` caps the global gradient norm (None: no cap). ``extra()`` adds a term that
+    needs no paid answer (the unlabelled private images' consistency loss), with its parts.
     """
     loss, parts = method.loss(student, images, idx)
+    if extra is not None:
+        more, more_parts = extra()
+        loss = loss + more
+        parts = {**parts, **more_parts}
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip is not None:
@@ -55,12 +62,16 @@ def distill(
     log=print,
     private: torch.Tensor | None = None,
     local_model: torch.nn.Module | None = None,
+    unlabelled: torch.Tensor | None = None,
+    setup: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict:
     """Run one distillation; returns a summary (queries, throughput, selection).
 
     ``private`` (the edge's local images) is read only by methods whose queries
-    come from local data; generator methods never see it. ``local_model`` (the
-    teacher's own network) reaches white-box methods only.
+    come from local data; generator methods never see it. ``unlabelled`` (the
+    same images, with ``distill.local_unlabelled``) trains the student on the
+    device and is never given to the teacher. ``local_model`` (the teacher's
+    own network) reaches white-box methods only.
     """
     out = Path(out)
     d = cfg.distill
@@ -95,6 +106,7 @@ def distill(
         teacher=teacher, budget=d.budget, seed=cfg.seed, device=device, out=out, student=student,
         fit=fit, generator=generator, private=private, query_batch=d.query_batch, on_paid=on_paid,
         local_model=local_model if method.white_box else None,
+        setup=setup if method.source == "generator" else None,
     )
     images, responses = method.acquire(acq)
     if fitted:
@@ -111,13 +123,24 @@ def distill(
     # methods at equal compute); the schedule then spans ceil(steps / steps per epoch) epochs
     total_steps = d.steps if d.steps is not None else d.epochs * steps_per_epoch
     epochs = math.ceil(total_steps / steps_per_epoch)
-    scheduler = make_scheduler(optimizer, d.schedule, epochs, d.milestones)
+    # stepped after every optimisation step, so the schedule ends with training (milestones are
+    # given in epochs, as in the reference recipe)
+    scheduler = make_step_scheduler(optimizer, d.schedule, total_steps, min(d.warmup_steps, total_steps),
+                                    tuple(m * steps_per_epoch for m in d.milestones))
     if d.max_steps is not None:
         total_steps = min(total_steps, d.max_steps)
         epochs = math.ceil(total_steps / steps_per_epoch)
     select = d.select if len(val_idx) else "last"
     meta = {"role": "student", "method": d.method, "response": str(teacher.kind), "arch": d.student}
-    engine = Engine(out, student, optimizer, scheduler, epochs, cfg.seed, select=select, meta=meta)
+    engine = Engine(out, student, optimizer, scheduler, epochs, cfg.seed, select=select, meta=meta,
+                    schedule_per="step")
+    local = None
+    if d.local_unlabelled:
+        if unlabelled is None:
+            raise ValueError("distill.local_unlabelled is set, but no private images were given")
+        local = LocalUnlabelled(unlabelled, max(1, round(d.batch_size * d.unlabelled_ratio)),
+                                d.unlabelled_threshold, d.unlabelled_weight, augment, StrongAugment(),
+                                device)
     if engine.resume():
         log(f"resuming distillation at epoch {engine.start_epoch + 1}/{epochs}")
     timing = {"images": 0, "seconds": 0.0}
@@ -129,8 +152,10 @@ def distill(
         start = time.perf_counter()
         for step in range(steps):
             idx = order[step * d.batch_size : (step + 1) * d.batch_size].to(device)
+            extra = None if local is None else (lambda: local.loss(student, rng))
             loss, parts = train_step(method, student, optimizer, augment(images[idx], generator=rng), idx,
-                                     d.grad_clip)
+                                     d.grad_clip, extra)
+            scheduler.step()
             for key, value in {"loss": loss.item(), **parts}.items():
                 totals[key] = totals.get(key, 0.0) + value
         seconds = time.perf_counter() - start
@@ -160,6 +185,7 @@ def distill(
         "bytes_sent": totals["bytes_sent"],
         "bytes_received": totals["bytes_received"],
         "pool_size": len(images),
+        "setup_in_pool": 0 if acq.setup is None else len(acq.setup[0]),
         "val_size": len(val_idx),
         "train_img_per_s": timing["images"] / timing["seconds"] if timing["seconds"] else None,
         "select": select,

@@ -10,6 +10,7 @@ both are classifier checkpoints that ``load_classifier`` reads.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,9 +32,35 @@ def make_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_de
 
 
 def make_scheduler(optimizer, schedule: str, epochs: int, milestones: list[int]):
+    """A schedule stepped once per epoch (the teacher's: its published checkpoint was made so)."""
     if schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+
+
+def step_schedule_factor(step: int, total: int, schedule: str, warmup: int = 0,
+                         milestones: tuple[int, ...] = ()) -> float:
+    """The learning-rate multiplier after ``step`` optimisation steps of ``total``.
+
+    ``warmup`` steps rise linearly from 1/warmup to 1; then "cosine" anneals to 0
+    at ``total`` and "step" multiplies by 0.1 at each milestone (in steps).
+    """
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        span = max(total - warmup, 1)
+        progress = min(max(step - warmup, 0) / span, 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 0.1 ** sum(step >= m for m in milestones)
+
+
+def make_step_scheduler(optimizer, schedule: str, total_steps: int, warmup: int = 0,
+                        milestones: tuple[int, ...] = ()):
+    """A schedule stepped after every optimisation step, so it finishes whatever the epoch count."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: step_schedule_factor(step, total_steps, schedule, warmup, tuple(milestones)),
+    )
 
 
 class Engine:
@@ -47,6 +74,7 @@ class Engine:
         seed: int,
         select: str = "val",
         meta: dict | None = None,
+        schedule_per: str = "epoch",
     ):
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -57,6 +85,8 @@ class Engine:
         self.seed = seed
         self.select = select
         self.meta = meta or {}
+        # "step": the caller steps the scheduler after each optimisation step
+        self.schedule_per = schedule_per
         self.start_epoch = 0
         self.best_metric = float("-inf")
         self.best_epoch = -1
@@ -115,7 +145,8 @@ class Engine:
             start = time.perf_counter()
             self.model.train()
             record = {"epoch": epoch, **train_epoch(epoch, epoch_generator(self.seed, epoch))}
-            self.scheduler.step()
+            if self.schedule_per == "epoch":
+                self.scheduler.step()
             record["lr"] = self.optimizer.param_groups[0]["lr"]
             if validate is not None:
                 self.model.eval()

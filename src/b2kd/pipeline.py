@@ -17,7 +17,7 @@ from b2kd.blackbox import BlackBoxTeacher, Ledger, LocalBackend, ResponseKind
 from b2kd.blackbox.shared import SharedCache
 from b2kd.checkpoint import CheckpointError, load_classifier, load_generator
 from b2kd.config import Config, ConfigError, save_config
-from b2kd.data import edge_split, load_dataset, private_images
+from b2kd.data import dev_split, edge_split, load_dataset, private_images
 from b2kd.evaluate import evaluate, predict
 from b2kd.methods import get_method
 from b2kd.progress import QueryProgress
@@ -97,6 +97,15 @@ def edge_private_images(cfg: Config) -> torch.Tensor:
     return images
 
 
+def edge_dev_set(cfg: Config):
+    """The labelled dev split (images, labels): training images outside the private set."""
+    d = cfg.data
+    train = load_dataset(d.dataset, "train", d.root, d.image_size, d.channels)
+    split = edge_split(len(train), d.local_fraction, d.split_seed)
+    idx = dev_split(len(train), split.local_idx, d.dev_size, d.split_seed)
+    return train.images[idx], train.labels[idx]
+
+
 def run_teacher(cfg: Config, out: str | Path, log=print) -> dict:
     from b2kd.teacher_train import train_teacher
 
@@ -133,7 +142,7 @@ def run_distill(cfg: Config, out: str | Path, log=print) -> dict:
         raise ConfigError(f"method '{d.method}' is white-box (it reads the teacher's weights and"
                           " gradients) and cannot run against a remote teacher; drop teacher.url")
     # a local-data method (KN, KD, ...) queries private images as they are and needs no generator
-    private = edge_private_images(cfg) if method.source == "local" else None
+    private = edge_private_images(cfg) if method.source == "local" or d.local_unlabelled else None
     generator = None
     if method.source == "generator":
         if not cfg.deprivatize.generator:
@@ -141,6 +150,15 @@ def run_distill(cfg: Config, out: str | Path, log=print) -> dict:
         generator, _ = load_generator(cfg.deprivatize.generator)
         generator.to(device)
     teacher = open_teacher(cfg, out, d.response, d.budget, "distill")
+    setup = None
+    if generator is not None and d.reuse_setup:
+        from b2kd.pool import setup_answers
+
+        gan_dir = Path(cfg.deprivatize.generator).parent
+        gan_cfg = load_run_config(gan_dir) if (gan_dir / "config.yaml").is_file() else cfg
+        setup = setup_answers(gan_dir / "ledger.sqlite", gan_cfg.deprivatize.response, d.response)
+        if setup is None:
+            log(f"distill.reuse_setup: no usable setup answers in {gan_dir}; the pool is the budget's only")
     made = None
     if private is not None:
         made, what = tuple(private.shape[1:3]), "private images are"
@@ -156,8 +174,10 @@ def run_distill(cfg: Config, out: str | Path, log=print) -> dict:
         local_model = teacher.backend.model.to(device)
     start = time.perf_counter()
     with QueryProgress(f"{d.method}/{d.response} queries", d.budget, teacher.spent) as bar:
-        summary = distill(cfg, teacher, generator, out, device, bar.update, log, private=private,
-                          local_model=local_model)
+        summary = distill(cfg, teacher, generator, out, device, bar.update, log,
+                          private=private if method.source == "local" else None,
+                          local_model=local_model, unlabelled=private if d.local_unlabelled else None,
+                          setup=setup)
     summary["seconds"] = time.perf_counter() - start
     teacher.ledger.close()
     (out / "distill.json").write_text(json.dumps(summary, indent=2))
@@ -191,6 +211,12 @@ def run_evaluate(run_dir: str | Path, cfg: Config | None = None) -> dict:
         student, meta = load_classifier(path)
         result[name] = {**evaluate(student, test.images, test.labels, test.num_classes, teacher_pred),
                         "epoch": meta.get("epoch")}
+    if d.dev_size:
+        dev_images, dev_labels = edge_dev_set(cfg)
+        for name in ("latest", "best"):
+            student, _ = load_classifier(run_dir / "checkpoints" / f"{name}.pt")
+            result[name]["dev_acc"] = float((predict(student, dev_images) == dev_labels).float().mean())
+        result["dev_acc"] = result["best"]["dev_acc"]
     result["student_acc"] = result["best"]["acc"]
     result["fidelity"] = result["best"].get("fidelity")
     ledger_path = run_dir / "ledger.sqlite"

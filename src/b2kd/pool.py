@@ -104,3 +104,30 @@ def pay(teacher: BlackBoxTeacher, images: torch.Tensor, chunk: int = 500, on_chu
         if on_chunk is not None:
             on_chunk(teacher.spent)
     return torch.cat(out)
+
+
+def setup_answers(ledger_path: str | Path, gan_kind, kind) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The images deprivatization paid for and their answers, in the form ``kind`` reads.
+
+    They are paid already, so a generator method adds them to its pool for free. Soft
+    setup answers give any other kind exactly (a top-1 label, rounded or top-k
+    probabilities are functions of the full vector); hard setup answers give only hard.
+    None when the ledger is missing, kept no images, or its answers cannot serve ``kind``.
+    """
+    from b2kd.blackbox import Ledger, ResponseKind, to_probs
+
+    gan_kind, kind = ResponseKind.parse(gan_kind), ResponseKind.parse(kind)
+    if not Path(ledger_path).is_file() or (gan_kind != kind and gan_kind.name != "soft"):
+        return None
+    with Ledger(ledger_path) as ledger:
+        hashes, images = ledger.images()
+        if images is None:
+            return None
+        rows = ledger.lookup(hashes, str(gan_kind))
+    keep = [i for i, h in enumerate(hashes) if h in rows]
+    if not keep:
+        return None
+    answers = torch.stack([rows[hashes[i]] for i in keep])
+    if gan_kind != kind:
+        answers = kind.apply(to_probs(answers, gan_kind))
+    return images[keep], answers

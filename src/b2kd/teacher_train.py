@@ -19,7 +19,7 @@ def trained_with(cfg: Config) -> dict:
     """Everything that decides the teacher's weights: a cached teacher is reused only if it matches."""
     return {
         "seed": cfg.seed,
-        "data": cfg.data.model_dump(mode="json"),
+        "data": cfg.data.model_dump(mode="json", exclude={"dev_size"}),  # dev images: never trained on
         # where the teacher is found (file, URL, key, wire format) does not decide its weights
         "teacher": cfg.teacher.model_dump(mode="json", exclude={"checkpoint", "url", "api_key", "binary"}),
     }

@@ -2,7 +2,7 @@
 
 from b2kd.data.augment import Augment
 from b2kd.data.readers import DataError, ImageSet, available, load_dataset, register
-from b2kd.data.splits import EdgeSplit, edge_split, private_images
+from b2kd.data.splits import EdgeSplit, dev_split, edge_split, private_images
 
 __all__ = [
     "Augment",
@@ -10,6 +10,7 @@ __all__ = [
     "EdgeSplit",
     "ImageSet",
     "available",
+    "dev_split",
     "edge_split",
     "load_dataset",
     "private_images",

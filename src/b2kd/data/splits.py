@@ -42,3 +42,18 @@ def private_images(train: ImageSet, split: EdgeSplit) -> torch.Tensor:
     """The edge's local images as uint8 (N, C, H, W), deliberately without their labels,
     so that no training step can use them by mistake."""
     return train.images[split.local_idx]
+
+
+def dev_split(n: int, local_idx: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
+    """``size`` labelled training indices outside the private split, for tuning only.
+
+    Every tuned value (learning rates, temperatures, thresholds) is chosen on this
+    split, never on the test set; the student never trains on it.
+    """
+    if size < 0:
+        raise ValueError(f"dev size must be >= 0, got {size}")
+    outside = torch.ones(n, dtype=torch.bool)
+    outside[local_idx] = False
+    candidates = outside.nonzero().flatten()
+    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed + 104_729))
+    return candidates[order[: min(size, len(candidates))]].sort().values

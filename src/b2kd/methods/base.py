@@ -37,6 +37,7 @@ class Acquisition:
     query_batch: int = 500
     on_paid: Callable[[int], None] | None = None
     local_model: torch.nn.Module | None = None
+    setup: tuple[torch.Tensor, torch.Tensor] | None = None  # deprivatization's paid (images, answers)
 
 
 class Method(ABC):
@@ -75,9 +76,18 @@ class Method(ABC):
         if self.source == "local":  # distill() has checked that local images were given
             images = load_or_sample_private(acq.private, acq.budget, acq.seed, acq.out / "pool.pt",
                                             copies=self.cfg.transfer_copies)
+            responses = pay(acq.teacher, images, acq.query_batch, acq.on_paid)
+        elif self.cfg.pool == "balanced":
+            from b2kd.balanced_pool import balanced_pool
+
+            images, responses = balanced_pool(acq, self.cfg.balance_first, self.cfg.balance_candidates,
+                                              self.cfg.balance_fit_steps, acq.teacher.num_classes)
         else:
             images = load_or_synthesise(acq.generator, acq.budget, acq.seed, acq.out / "pool.pt")
-        return images, pay(acq.teacher, images, acq.query_batch, acq.on_paid)
+            responses = pay(acq.teacher, images, acq.query_batch, acq.on_paid)
+        if acq.setup is not None:  # paid during deprivatization: free to train on
+            images, responses = torch.cat([images, acq.setup[0]]), torch.cat([responses, acq.setup[1]])
+        return images, responses
 
     @torch.no_grad()
     def prepare(self, responses: torch.Tensor, device: torch.device) -> None:
