@@ -21,7 +21,7 @@ from test_cli import assert_ok, assert_user_error, invoke, ledger_rows
 
 from b2kd.blackbox import BlackBoxError, BlackBoxTeacher, Ledger, LocalBackend, image_hashes
 from b2kd.blackbox.http import HTTPTeacher, retry_after, split_url
-from b2kd.blackbox.store import key_id
+from b2kd.blackbox.keys import key_id, load_secret
 from b2kd.checkpoint import save_classifier, save_generator
 from b2kd.models import Generator
 from b2kd.pool import pay
@@ -145,7 +145,8 @@ def toy(model, tmp_path_factory):
 
 def server_used(server_dir, key: str) -> int:
     with sqlite3.connect(server_dir / "state.sqlite") as db:
-        return db.execute("SELECT used FROM keys WHERE key_id = ?", (key_id(key),)).fetchone()[0]
+        kid = key_id(key, load_secret(server_dir / "secret", create=False))  # the server's keyed hash
+        return db.execute("SELECT used FROM keys WHERE key_id = ?", (kid,)).fetchone()[0]
 
 
 def paid(ledger_path) -> int:

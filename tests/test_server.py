@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -11,12 +13,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from served import ThreadServer, images, toy_model
+from served import ThreadServer, images, raw_head, raw_request, read_status, toy_model
 
 from b2kd.blackbox import BlackBoxTeacher, Ledger, LocalBackend, QuotaExceeded
 from b2kd.blackbox.http import HTTPTeacher
 from b2kd.blackbox.protocol import HEADER_LENGTH, Tensor, encode
-from b2kd.blackbox.store import key_id
 
 KEY, OTHER = "sk-test-key", "sk-other-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -53,6 +54,17 @@ def infer_body(x: torch.Tensor, binary: bool, request_id: str | None = None,
     return body, ({HEADER_LENGTH: str(length)} if length is not None else {})
 
 
+def wait_for_log(path, wanted, timeout: float = 30.0) -> list[dict]:
+    """The access-log records that match ``wanted``, once there is one (the log is written by a thread)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = path.read_text().splitlines() if path.is_file() else []
+        found = [r for r in map(json.loads, lines) if wanted(r)]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)
+
+
 def metric(client: httpx.Client, name: str) -> float:
     """The sum of a metric's samples in /metrics (all labels)."""
     text = client.get("/metrics").text
@@ -61,7 +73,7 @@ def metric(client: httpx.Client, name: str) -> float:
 
 
 def used(server, key: str) -> int:
-    return server.app.state.store.usage()[key_id(key)][0]
+    return server.app.state.store.usage()[server.app.state.key_id(key)][0]
 
 
 # --- conformance -------------------------------------------------------------------------------
@@ -309,11 +321,230 @@ def test_metrics_and_access_log(server, client):
                  "b2kd_response_bytes_total", "b2kd_refusals_total", "b2kd_infer_latency_seconds_bucket",
                  "b2kd_quota_used", "b2kd_quota_limit"):
         assert f"# TYPE {name.removesuffix('_bucket')}" in text and name in text, name
-    assert f'b2kd_quota_limit{{key="{key_id(OTHER)}"}} 5' in text
+    assert f'b2kd_quota_limit{{key="{server.app.state.key_id(OTHER)}"}} 5.0' in text
     assert 'endpoint="/v2/models/{model}/infer",status="200"' in text
-    records = [json.loads(line) for line in server.app.state.settings.access_log.read_text().splitlines()]
-    infers = [r for r in records if r["path"] == "/v2/models/teacher/infer" and r["status"] == 200]
-    assert infers and {"ms", "key", "queries", "bytes_in", "bytes_out"} <= set(infers[-1])
-    assert infers[-1]["key"] == key_id(KEY) and infers[-1]["queries"] == 2
+    infers = wait_for_log(server.app.state.settings.access_log,
+                          lambda r: r["path"] == "/v2/models/teacher/infer" and r["status"] == 200)
+    assert {"ms", "key", "queries", "bytes_in", "bytes_out"} <= set(infers[-1])
+    assert infers[-1]["key"] == server.app.state.key_id(KEY) and infers[-1]["queries"] == 2
     log_text = server.app.state.settings.access_log.read_text()
     assert KEY not in log_text and OTHER not in log_text  # keys are never written down
+
+
+# --- issue 11: Triton's other calls, compressed bodies, reservations, hygiene, keys ----------------
+
+
+class CountingBackend(LocalBackend):
+    """A backend that counts the images it computed, slowly enough that requests overlap, and
+    fails on request when ``fail`` is set."""
+
+    def __init__(self, model, delay: float = 0.0):
+        super().__init__(model, "soft")
+        self.computed, self.delay, self.fail = 0, delay, False
+        self._lock = threading.Lock()
+
+    def infer(self, images):
+        time.sleep(self.delay)
+        if self.fail:
+            raise RuntimeError("the model broke")
+        with self._lock:
+            self.computed += len(images)
+        return super().infer(images)
+
+
+def test_triton_model_config_and_inference_statistics(model):
+    with ThreadServer(model, "hard", max_batch=64) as s, httpx.Client(base_url=s.root) as c:
+        config = c.get("/v2/models/teacher/config").json()
+        assert c.get("/v2/models/teacher/versions/1/config").json() == config
+        assert c.get("/v2/models/other/config").status_code == 404
+        assert config["max_batch_size"] == 64 and config["name"] == "teacher"
+        assert config["input"] == [{"name": "images", "data_type": "TYPE_UINT8", "dims": [1, 28, 28],
+                                    "format": "FORMAT_NCHW"}]
+        assert config["output"] == [{"name": "label", "data_type": "TYPE_INT32", "dims": [1],
+                                     "reshape": {"shape": []}}]
+        body, headers = infer_body(images(3), binary=True, request_id="stats-1")
+        for _ in range(2):  # computed once, then replayed (Triton's cache hit)
+            assert c.post("/v2/models/teacher/infer", content=body, headers=headers).status_code == 200
+        body, headers = infer_body(images(5), binary=True)
+        assert c.post("/v2/models/teacher/infer", content=body, headers=headers).status_code == 200
+        bad = json.dumps({"inputs": [{"name": "images", "datatype": ["UINT8"], "shape": [1], "data": [1]}]})
+        assert c.post("/v2/models/teacher/infer", content=bad).status_code == 400
+        (stats,) = c.get("/v2/models/teacher/stats").json()["model_stats"]
+        assert c.get("/v2/models/stats").json()["model_stats"][0]["inference_count"] == 11
+    assert (stats["name"], stats["version"]) == ("teacher", "1")
+    assert stats["inference_count"] == 3 + 3 + 5 and stats["execution_count"] == 2
+    phases = stats["inference_stats"]
+    assert phases["success"]["count"] == 3 and phases["fail"]["count"] == 1
+    assert phases["cache_hit"]["count"] == 1 and phases["compute_infer"]["count"] == 2
+    assert [b["batch_size"] for b in stats["batch_stats"]] == [3, 5]
+    assert all(b["compute_infer"]["count"] == 1 for b in stats["batch_stats"])
+
+
+def test_gzip_and_deflate_bodies_count_their_decompressed_size(model):
+    import gzip
+    import zlib
+
+    x = images(4, seed=30)
+    body, headers = infer_body(x, binary=True, binary_output=True)
+    with ThreadServer(model, api_keys={KEY: None}, max_body_bytes=20_000) as s, \
+            httpx.Client(base_url=s.root, headers=AUTH) as c:
+        def post(content: bytes, encoding: str) -> httpx.Response:
+            return c.post("/v2/models/teacher/infer", content=content,
+                          headers={**headers, "Content-Encoding": encoding})
+
+        plain = c.post("/v2/models/teacher/infer", content=body, headers=headers)
+        assert plain.status_code == 200
+        for encoding, packed in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body))):
+            r = post(packed, encoding)
+            assert r.status_code == 200 and r.content == plain.content, (encoding, r.text[:200])
+        assert used(s, KEY) == 12
+        # a bomb: 10 MB of zeros in 10 KB of gzip, refused once 20 KB came out
+        bomb = gzip.compress(body + bytes(10_000_000))
+        assert len(bomb) < 20_000
+        r = post(bomb, "gzip")
+        assert r.status_code == 413 and "decompressed" in r.json()["error"]
+        for content, encoding, needle in (
+                (b"not gzip at all", "gzip", "not valid gzip"),
+                (gzip.compress(body)[:-9], "gzip", "truncated"),
+                (gzip.compress(body) + b"trailing", "gzip", "after the end"),
+                (zlib.compress(body)[:40], "deflate", "truncated"),
+                (body, "br", "unsupported Content-Encoding")):
+            r = post(content, encoding)
+            assert 400 <= r.status_code < 500 and needle in r.json()["error"], (needle, r.text[:200])
+        assert used(s, KEY) == 12  # refused bodies are not charged
+        assert c.post("/v2/models/teacher/infer", content=body, headers=headers).status_code == 200
+
+
+def test_concurrent_requests_never_compute_beyond_the_quota(model):
+    """Before: 8 requests of 8 images on a quota of 16 ran the model 8 times (64 images computed)
+    and were then refused; now the quota is reserved before the model runs."""
+    backend = CountingBackend(model, delay=0.1)
+    codes: list[int] = []
+    with ThreadServer(backend, api_keys={KEY: 16}) as s:
+        start = threading.Barrier(8)
+
+        def one(i: int) -> None:
+            body, headers = infer_body(images(8, seed=40 + i), binary=True)
+            start.wait()
+            codes.append(httpx.post(s.url + "/infer", content=body, headers={**headers, **AUTH},
+                                    timeout=60).status_code)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        charged = used(s, KEY)
+    assert sorted(codes) == [200, 200] + [402] * 6
+    assert backend.computed == charged == 16
+
+
+def test_a_model_failure_refunds_the_reservation(model):
+    backend = CountingBackend(model)
+    with ThreadServer(backend, api_keys={KEY: 10}) as s, httpx.Client(base_url=s.root, headers=AUTH) as c:
+        body, headers = infer_body(images(6, seed=50), binary=True, request_id="fails-once")
+        backend.fail = True
+        r = c.post("/v2/models/teacher/infer", content=body, headers=headers)
+        assert r.status_code == 500 and used(s, KEY) == 0
+        assert metric(c, "b2kd_refunded_queries_total") == 6
+        backend.fail = False  # the same request again: charged once, answered
+        assert c.post("/v2/models/teacher/infer", content=body, headers=headers).status_code == 200
+        assert used(s, KEY) == 6
+
+
+def test_replay_records_are_capped_per_key_while_the_server_runs(model):
+    with ThreadServer(model, api_keys={KEY: None}, replay_per_key=2) as s, \
+            httpx.Client(base_url=s.root, headers=AUTH) as c:
+        sent = [infer_body(images(1, seed=60 + i), binary=True, request_id=f"r{i}") for i in range(3)]
+        for body, headers in sent:
+            assert c.post("/v2/models/teacher/infer", content=body, headers=headers).status_code == 200
+        assert s.app.state.store.records() == 2 and used(s, KEY) == 3
+        for body, headers in sent[1:]:  # still replayed for free
+            assert c.post("/v2/models/teacher/infer", content=body, headers=headers).status_code == 200
+        assert used(s, KEY) == 3
+        body, headers = sent[0]  # its record was dropped: answered, and charged, again
+        assert c.post("/v2/models/teacher/infer", content=body, headers=headers).status_code == 200
+        assert used(s, KEY) == 4 and s.app.state.store.records() == 2
+
+
+def test_an_unwritable_access_log_never_fails_a_request(model, tmp_path):
+    """Before: the log file replaced by a directory turned a charged answer into a 500."""
+    log = tmp_path / "access.log"
+    with ThreadServer(model, api_keys={KEY: None}, access_log=log) as s, \
+            httpx.Client(base_url=s.root, headers=AUTH) as c:
+        body, headers = infer_body(images(2, seed=70), binary=True)
+        assert c.post("/v2/models/teacher/infer", content=body, headers=headers).status_code == 200
+        assert wait_for_log(log, lambda r: r["status"] == 200)
+        log.unlink()
+        log.mkdir()
+        for _ in range(3):
+            assert c.post("/v2/models/teacher/infer", content=body, headers=headers).status_code == 200
+        assert used(s, KEY) == 8
+        deadline = time.monotonic() + 30
+        while metric(c, "b2kd_access_log_failures_total") < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert metric(c, "b2kd_access_log_failures_total") >= 1
+        log.rmdir()  # the writer goes on once the path is writable again
+        assert c.post("/v2/models/teacher/infer", content=body, headers=headers).status_code == 200
+        assert wait_for_log(log, lambda r: r.get("queries") == 2)
+
+
+def test_metrics_and_statistics_can_need_a_key(model):
+    with ThreadServer(model, metrics_key="mk-secret") as s:
+        for path in ("/metrics", "/v2/models/teacher/stats", "/v2/models/stats"):
+            assert httpx.get(s.root + path).status_code == 401
+            assert httpx.get(s.root + path, headers={"Authorization": "Bearer nope"}).status_code == 401
+            r = httpx.get(s.root + path, headers={"Authorization": "Bearer mk-secret"})
+            assert r.status_code == 200, path
+        assert httpx.get(s.url).status_code == 200  # metadata stays open
+
+
+def test_failed_authentication_is_rate_limited_per_address(model):
+    with ThreadServer(model, api_keys={KEY: None}, auth_failures=3) as s:
+        body, headers = infer_body(images(1), binary=True)
+        wrong = [httpx.post(s.url + "/infer", content=body, headers={**headers, "Authorization": "Bearer x"})
+                 for _ in range(4)]
+        assert [r.status_code for r in wrong] == [401, 401, 401, 429]
+        assert int(wrong[-1].headers["retry-after"]) >= 1 and "failed authentications" in wrong[-1].text
+        # while the address is blocked even a right key waits: guessing costs time
+        r = httpx.post(s.url + "/infer", content=body, headers={**headers, **AUTH})
+        assert r.status_code == 429
+
+
+def test_key_ids_are_keyed_hashes_never_the_plain_sha256(model, tmp_path):
+    import hashlib
+    import sqlite3
+
+    plain = "k-" + hashlib.sha256(KEY.encode()).hexdigest()[:16]
+    with ThreadServer(model, api_keys={KEY: 5}, state=tmp_path / "a.sqlite", secret=b"s" * 32) as a, \
+            ThreadServer(model, api_keys={KEY: 5}, state=tmp_path / "b.sqlite", secret=b"t" * 32) as b:
+        assert a.app.state.key_id(KEY) != b.app.state.key_id(KEY)
+        assert plain not in {a.app.state.key_id(KEY), b.app.state.key_id(KEY)}
+        text = httpx.get(a.root + "/metrics").text
+        assert a.app.state.key_id(KEY) in text and plain not in text
+    with sqlite3.connect(tmp_path / "a.sqlite") as db:
+        assert [r[0] for r in db.execute("SELECT key_id FROM keys")] == [a.app.state.key_id(KEY)]
+
+
+def test_idle_and_half_open_connections_are_cut_off_and_connections_are_limited(model):
+    """Before: a connection that sent nothing, half a head or half a body was held for ever."""
+    infer = "/v2/models/teacher/infer"
+    body, headers = infer_body(images(2, seed=80), binary=True)
+    head = raw_head(infer, {**headers, **AUTH}, len(body))
+    with ThreadServer(model, api_keys={KEY: None}, read_timeout_s=1.5, max_connections=4) as s:
+        cases = {"no bytes": b"", "half a head": head[:40], "half a body": head + body[:100]}
+        socks = {what: socket.create_connection(("127.0.0.1", s.port), timeout=20) for what in cases}
+        for what, data in cases.items():
+            socks[what].sendall(data)
+        ready = raw_head("/v2/health/ready", {}, method="GET")
+        deadline = time.monotonic() + 10  # once the server has accepted all three, a fourth is refused
+        while raw_request(s.port, ready) != 503:
+            assert time.monotonic() < deadline, "the connection limit (4) was never reached"
+            time.sleep(0.01)
+        assert raw_request(s.port, head + body) == 503
+        got = {what: read_status(sock) for what, sock in socks.items()}  # TimeoutError if held
+        for sock in socks.values():
+            sock.close()
+        assert got == {"no bytes": None, "half a head": None, "half a body": 408}
+        assert raw_request(s.port, head + body) == 200  # served again once they are gone
+        assert used(s, KEY) == 2

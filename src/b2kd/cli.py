@@ -277,7 +277,13 @@ def serve(
     port: Annotated[int | None, typer.Option(help="0 for any free port [serve.port]")] = None,
     response: Annotated[str | None, typer.Option(help="soft, hard, topk:K, rounded:D [serve.response]")] = None,
     api_key: Annotated[list[str] | None, typer.Option(
-        "--api-key", help="KEY or KEY:QUOTA, repeatable; none: open [serve.api_keys]")] = None,
+        "--api-key", help="KEY or KEY:QUOTA, repeatable (visible in ps: prefer --api-key-file or"
+                          " B2KD_SERVE_KEYS); none: open [serve.api_keys]")] = None,
+    api_key_file: Annotated[str | None, typer.Option(
+        help="a file of keys, one KEY or KEY:QUOTA a line [serve.api_key_file]")] = None,
+    store: Annotated[str | None, typer.Option(
+        help="quotas and replay records: postgresql://USER@HOST/DB for several hosts;"
+             " default OUT/state.sqlite [serve.store]")] = None,
     rate_limit: Annotated[float | None, typer.Option(help="requests/s per key [serve.rate_limit]")] = None,
     max_batch: Annotated[int | None, typer.Option(help="images per request [serve.max_batch]")] = None,
     overrides: Overrides = None,
@@ -287,6 +293,7 @@ def serve(
 
     cfg = _config(config, {"out": out, "teacher.checkpoint": checkpoint, "serve.host": host,
                            "serve.port": port, "serve.response": response, "serve.api_keys": api_key,
+                           "serve.api_key_file": api_key_file, "serve.store": store,
                            "serve.rate_limit": rate_limit, "serve.max_batch": max_batch}, overrides)
     run_server(cfg, log=console.print)
 

@@ -113,6 +113,8 @@ class DistillConfig(_Section):
     hard_loss: Literal["kl", "ce"] = "ce"
     val_fraction: float = Field(0.05, ge=0, lt=1)  # held-out slice of the paid pool
     select: Literal["val", "last"] = "val"
+    # the report warns of a class holding under this fraction of a uniform pool's share (b2kd.pool_labels)
+    thin_class_factor: float = Field(0.25, ge=0, le=1)
     # random shifts of paid images (same response, no new query): 96.2% vs 93.8% without
     # on the MNIST demo (soft, 20k queries)
     crop_padding: int = 2
@@ -192,6 +194,16 @@ class ServeConfig(_Section):
     burst: int = Field(10, ge=1)  # requests a key may send at once before the rate applies
     max_batch: int = Field(1024, ge=1)  # images per request (413 beyond)
     max_body_bytes: int | None = Field(None, ge=1)  # None: what max_batch images take as JSON
+    # also from a file (one KEY[:QUOTA] a line) and the B2KD_SERVE_KEYS environment variable
+    api_key_file: str | None = None
+    store: str | None = None  # quotas and replay records: None: OUT/state.sqlite; or postgresql://...
+    secret_file: str | None = None  # key-id HMAC secret; None: OUT/secret (created, mode 0600)
+    metrics_key: str | None = None  # if set (or B2KD_METRICS_KEY), /metrics and stats need it
+    replay_ttl_s: float = Field(86400.0, gt=0)  # an answered request id is replayed free this long
+    replay_per_key: int = Field(10000, ge=1)  # answers kept for replay per key, oldest dropped
+    read_timeout_s: float = Field(30.0, gt=0)  # a request's head, and its body, must arrive within
+    max_connections: int = Field(1000, ge=1)  # connections and requests in flight (503 beyond)
+    auth_failures: int = Field(10, ge=1)  # failed authentications per address at once, then 1/s
 
 
 class Config(_Section):
@@ -207,7 +219,7 @@ class Config(_Section):
 
 
 #: Secrets that stay out of the config.yaml written into run directories.
-SECRETS = {"teacher": {"api_key"}, "serve": {"api_keys"}}
+SECRETS = {"teacher": {"api_key"}, "serve": {"api_keys", "metrics_key", "store"}}
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -186,6 +186,7 @@ def run_distill(cfg: Config, out: str | Path, log=print) -> dict:
 
 def run_evaluate(run_dir: str | Path, cfg: Config | None = None) -> dict:
     """Test-set report of a distillation run: last and best-on-validation students."""
+    from b2kd import pool_labels
     from b2kd.report import write_report
 
     run_dir = Path(run_dir)
@@ -229,5 +230,7 @@ def run_evaluate(run_dir: str | Path, cfg: Config | None = None) -> dict:
         summary = json.loads(summary_path.read_text())
         result["train_img_per_s"] = summary.get("train_img_per_s")
         result["best_epoch"] = summary.get("best_epoch")
+    result["pool_labels"] = pool_labels.run_summary(run_dir, cfg.distill.response,
+                                                    cfg.distill.thin_class_factor)
     write_report(run_dir, result)
     return result

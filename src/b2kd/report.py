@@ -38,4 +38,8 @@ def write_report(run_dir: str | Path, result: dict) -> None:
     if best:
         lines += ["", "Per-class test accuracy (best): " + ", ".join(
             f"{k}: {_pct(a)}" for k, a in enumerate(best["per_class_acc"]))]
+    if "pool_labels" in result:  # how the teacher labelled the paid pool (b2kd.pool_labels)
+        from b2kd.pool_labels import markdown
+
+        lines += markdown(result["pool_labels"])
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")

@@ -22,21 +22,6 @@ from b2kd.blackbox import LocalBackend, TeacherUnavailable
 from b2kd.config import Config, ConfigError
 
 
-def parse_api_keys(specs: list[str]) -> dict[str, int | None]:
-    """``KEY`` (no quota) or ``KEY:QUOTA`` each -> {key: quota}."""
-    keys: dict[str, int | None] = {}
-    for spec in specs:
-        key, sep, quota = spec.rpartition(":")
-        if not sep:
-            key, quota = spec, None
-        elif not quota.isdigit():
-            raise ConfigError("each API key must be given as KEY or KEY:QUOTA, QUOTA a whole number")
-        if not key or any(c.isspace() for c in key):
-            raise ConfigError("an API key must be non-empty and without spaces")
-        keys[key] = None if quota is None else int(quota)
-    return keys
-
-
 def listen(host: str, port: int) -> socket.socket:
     """A bound listening socket, or a one-line error (port in use, bad address)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -57,31 +42,43 @@ def serve(cfg: Config, log=print) -> None:
     """Serve ``cfg.teacher.checkpoint`` until SIGINT or SIGTERM (both shut down gracefully).
 
     The run directory ``cfg.out`` keeps ``state.sqlite`` (quotas, paid answers:
-    a restarted server goes on where it stopped) and ``access.log``.
+    a restarted server goes on where it stopped; or ``serve.store``, a
+    PostgreSQL URL), ``secret`` (the key-id secret) and ``access.log``.
     """
     import uvicorn
 
+    from b2kd.blackbox.connections import uvicorn_config
+    from b2kd.blackbox.keys import load_secret, server_keys
     from b2kd.blackbox.server import ServerSettings, create_app
+    from b2kd.blackbox.store_postgres import redact
     from b2kd.pipeline import prepare_run
 
     s = cfg.serve
     if not cfg.teacher.checkpoint:
         raise ConfigError("no checkpoint to serve: pass --checkpoint PATH (or set teacher.checkpoint)")
-    keys = parse_api_keys(s.api_keys)
+    keys = server_keys(s.api_keys, s.api_key_file)
+    if s.api_key_file and Path(s.api_key_file).stat().st_mode & 0o077:
+        log(f"warning: the API key file {s.api_key_file} can be read by other users (chmod 600 it)")
     backend = LocalBackend.from_checkpoint(cfg.teacher.checkpoint, s.response)
     out, _ = prepare_run(cfg, cfg.out)
+    secret = load_secret(s.secret_file or out / "secret", create=s.secret_file is None)
+    state = s.store or out / "state.sqlite"
     settings = ServerSettings(
         model_name=s.model_name, api_keys=keys, rate_limit=s.rate_limit, burst=s.burst,
-        max_batch=s.max_batch, max_body_bytes=s.max_body_bytes,
-        state=out / "state.sqlite", access_log=out / "access.log",
+        max_batch=s.max_batch, max_body_bytes=s.max_body_bytes, state=state,
+        access_log=out / "access.log", secret=secret,
+        metrics_key=s.metrics_key or os.environ.get("B2KD_METRICS_KEY") or None,
+        replay_ttl_s=s.replay_ttl_s, replay_per_key=s.replay_per_key, read_timeout_s=s.read_timeout_s,
+        max_connections=s.max_connections, auth_failures=s.auth_failures,
     )
+    app = create_app(backend, settings)  # opens the store: a wrong secret or URL ends here
     sock = listen(s.host, s.port)
     host, port = sock.getsockname()[:2]
-    app = create_app(backend, settings)
     log(f"serving {cfg.teacher.checkpoint} ({backend.kind} responses,"
         f" {len(keys) or 'no'} API key{'s' if len(keys) != 1 else ''})"
-        f" at http://{host}:{port}/v2/models/{s.model_name}; log and state in {out}")
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+        f" at http://{host}:{port}/v2/models/{s.model_name}; log in {out},"
+        f" quotas in {redact(str(state))}")
+    server = uvicorn.Server(uvicorn_config(app, s.read_timeout_s, s.max_connections,
                                            timeout_graceful_shutdown=5))
     server.run(sockets=[sock])
 

@@ -1,20 +1,26 @@
 """A teacher served over the Open Inference Protocol (KServe v2 REST), as a paid API would be.
 
 ``create_app`` wraps an in-process backend (its response kind is the
-provider's choice) in a FastAPI app with the protocol's endpoints plus what a
-paid API needs: API keys with quotas (:mod:`b2kd.blackbox.store`), a per-key
-rate limit (429 + ``Retry-After``), limits on batch and body size (413),
-idempotent request ids, a JSON-lines access log and ``/metrics``.
+provider's choice) in a FastAPI app with the protocol's endpoints, Triton's
+model configuration and inference statistics, plus what a paid API needs: API
+keys with quotas (:mod:`b2kd.blackbox.store`), a per-key rate limit (429 +
+``Retry-After``), a limit on failed authentications per client address,
+limits on batch and body size (413, counted after gzip/deflate decompression),
+a body read timeout (408), idempotent request ids, a JSON-lines access log
+written off the event loop and ``/metrics`` (optionally behind a key).
 
 Every refusal is a 4xx with ``{"error": "..."}``; the checks run cheapest
-first (model, key, rate, size) so that hostile traffic costs little.
+first (model, key, rate, size) so that hostile traffic costs little. Queries
+are reserved before the model runs and refunded if it fails, so concurrent
+requests never compute beyond a key's quota.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import hmac
 import math
+import os
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -24,14 +30,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
 
 from b2kd import __version__
+from b2kd.blackbox.access_log import AccessLog
+from b2kd.blackbox.body import BodyError, read_body
+from b2kd.blackbox.keys import key_id, legacy_key_id, secret_check
 from b2kd.blackbox.local import LocalBackend
-from b2kd.blackbox.metrics import Metrics
+from b2kd.blackbox.metrics import CONTENT_TYPE, Metrics
 from b2kd.blackbox.protocol import (
     HEADER_LENGTH,
     MAX_ID_LENGTH,
@@ -42,15 +50,26 @@ from b2kd.blackbox.protocol import (
     encode,
     header_length,
 )
-from b2kd.blackbox.store import ANONYMOUS, QuotaExhausted, QuotaStore, RequestIdReused, key_id
+from b2kd.blackbox.stats import InferenceStats
+from b2kd.blackbox.store import (
+    ANONYMOUS,
+    Answer,
+    QuotaExhausted,
+    RequestIdReused,
+    Reservation,
+    Store,
+    StoreUnavailable,
+    open_store,
+)
 
 VERSION = "1"
 INPUT = "images"
+AUTH_FAILURE_RATE = 1.0  # failed authentications per second an address regains after its burst
 
 
 @dataclass
 class ServerSettings:
-    """What the provider decides: name, keys and quotas, rate and size limits, where state lives."""
+    """What the provider decides: name, keys and quotas, limits, where state lives."""
 
     model_name: str = "teacher"
     api_keys: dict[str, int | None] = field(default_factory=dict)  # key -> quota (None: unlimited)
@@ -58,8 +77,15 @@ class ServerSettings:
     burst: int = 10  # requests a key may send at once before the rate applies
     max_batch: int = 1024  # images per request
     max_body_bytes: int | None = None  # None: what max_batch images take as JSON, plus 64 KiB
-    state: str | Path = ":memory:"  # SQLite file of quotas and paid answers
+    state: str | Path = ":memory:"  # SQLite file of quotas and paid answers, or a postgresql:// URL
     access_log: str | Path | None = None  # JSON lines, one per request
+    secret: bytes | None = None  # the key-id secret (keys.py); None: a random one, for this app only
+    metrics_key: str | None = None  # if set, /metrics and the statistics need 'Bearer METRICS_KEY'
+    replay_ttl_s: float = 86400.0  # how long an answered request id is replayed for free
+    replay_per_key: int = 10000  # answers kept for replay per key (the oldest go first)
+    read_timeout_s: float = 30.0  # for a request's head (connections.py) and for its body
+    max_connections: int = 1000  # open connections and requests in flight (503 beyond)
+    auth_failures: int = 10  # failed authentications an address may make at once (then 1 per second)
 
 
 class Refusal(Exception):
@@ -71,55 +97,57 @@ class Refusal(Exception):
 
 
 class RateLimiter:
-    """A token bucket per key: ``burst`` requests at once, then ``rate`` per second."""
+    """A token bucket per name (key id, client address): ``burst`` at once, then ``rate`` per second."""
+
+    MAX_BUCKETS = 10000  # beyond this, buckets that have refilled are forgotten
 
     def __init__(self, rate: float | None, burst: int):
         self.rate, self.burst = rate, max(burst, 1)
         self._buckets: dict[str, tuple[float, float]] = {}
         self._lock = threading.Lock()
 
-    def wait(self, kid: str) -> float:
-        """0 and a token taken, or the seconds until a token is available."""
+    def wait(self, name: str, take: bool = True) -> float:
+        """0 (and a token taken, if ``take``), or the seconds until a token is available."""
         if self.rate is None:
             return 0.0
         now = time.monotonic()
         with self._lock:
-            tokens, last = self._buckets.get(kid, (float(self.burst), now))
+            tokens, last = self._buckets.get(name, (float(self.burst), now))
             tokens = min(float(self.burst), tokens + (now - last) * self.rate)
             if tokens >= 1:
-                self._buckets[kid] = (tokens - 1, now)
+                if take:
+                    self._buckets[name] = (tokens - 1, now)
+                    self._prune(now)
                 return 0.0
-            self._buckets[kid] = (tokens, now)
+            self._buckets[name] = (tokens, now)
             return (1 - tokens) / self.rate
+
+    def _prune(self, now: float) -> None:
+        if len(self._buckets) > self.MAX_BUCKETS:
+            full = [n for n, (t, last) in self._buckets.items() if t + (now - last) * self.rate >= self.burst]
+            for name in full:
+                del self._buckets[name]
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-class AccessLog:
-    """One JSON object per request, appended to ``path`` (nothing is written when it is None).
-
-    The file is opened for each record (microseconds), so a rotated log needs no reopen signal.
-    """
-
-    def __init__(self, path: str | Path | None):
-        self.path = None if path is None else Path(path)
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-
-    def write(self, record: dict) -> None:
-        if self.path is not None:
-            with self._lock, self.path.open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
+def _triton_tensor(name: str, datatype: str, shape: list[int]) -> dict:
+    """A tensor of Triton's model configuration: dims without the batch dimension."""
+    entry = {"name": name, "data_type": f"TYPE_{datatype}", "dims": list(shape[1:]) or [1]}
+    if len(shape) == 1:  # one value per image: Triton writes dims [1] reshaped to a scalar
+        entry["reshape"] = {"shape": []}
+    return entry
 
 
 class ServedModel:
-    """The inference path proper, run in a worker thread: decode, check, charge, answer."""
+    """The inference path proper, run in a worker thread: decode, check, reserve, compute, settle."""
 
-    def __init__(self, backend: LocalBackend, settings: ServerSettings, store: QuotaStore):
-        self.backend, self.settings, self.store = backend, settings, store
+    def __init__(self, backend: LocalBackend, settings: ServerSettings, store: Store,
+                 stats: InferenceStats, on_refund=lambda queries: None):
+        self.backend, self.settings, self.store, self.stats = backend, settings, store, stats
+        self.on_refund = on_refund
         self.layout = Layout.of(backend.kind, backend.num_classes)
         self.pixels = math.prod(backend.image_shape)
         self._model_lock = threading.Lock()  # one forward at a time: torch's threads do the rest
@@ -135,6 +163,21 @@ class ServedModel:
                            "max_batch_size": self.settings.max_batch},
         }
 
+    def config(self) -> dict:
+        """The model configuration as Triton gives it (``max_batch_size`` is read from here)."""
+        return {
+            "name": self.settings.model_name,
+            "platform": "pytorch",
+            "backend": "b2kd",
+            "version_policy": {"specific": {"versions": [int(VERSION)]}},
+            "max_batch_size": self.settings.max_batch,
+            "input": [{**_triton_tensor(INPUT, "UINT8", [-1, *self.backend.image_shape]),
+                       "format": "FORMAT_NCHW"}],
+            "output": [_triton_tensor(o["name"], o["datatype"], o["shape"]) for o in self.layout.metadata()],
+            "parameters": {"response": {"string_value": str(self.backend.kind)},
+                           "num_classes": {"string_value": str(self.backend.num_classes)}},
+        }
+
     def _images(self, tensors: dict[str, np.ndarray]) -> torch.Tensor:
         if set(tensors) != {INPUT}:
             raise ProtocolError(f"this model takes one input, '{INPUT}'; got {sorted(tensors)}")
@@ -148,7 +191,7 @@ class ServedModel:
 
     def _outputs(self, header: dict) -> list[tuple[str, bool]]:
         """(output name, as binary) for each output the request asks for."""
-        params = header.get("parameters", {})
+        params = header.get("parameters") or {}  # the v2 spec lets "parameters" be null
         if not isinstance(params, dict) or not isinstance(params.get("binary_data_output", False), bool):
             raise ProtocolError("parameters must be an object and binary_data_output a boolean")
         default = params.get("binary_data_output", False)
@@ -160,7 +203,7 @@ class ServedModel:
             raise ProtocolError("outputs must be a list of objects")
         chosen = []
         for o in wanted:
-            p = o.get("parameters", {})
+            p = o.get("parameters") or {}
             binary = p.get("binary_data", default) if isinstance(p, dict) else None
             if o.get("name") not in known or not isinstance(binary, bool):
                 raise ProtocolError(f"unknown output {o.get('name')!r:.60} (outputs: {', '.join(known)})"
@@ -168,8 +211,8 @@ class ServedModel:
             chosen.append((o["name"], binary))
         return chosen
 
-    def answer(self, kid: str, body: bytes, raw_length: str | None) -> tuple[bytes, int | None, int, bool]:
-        """(body, header length, images, replayed) of the answer to one request body."""
+    def _request(self, body: bytes, raw_length: str | None) -> tuple[str | None, torch.Tensor, list]:
+        """(request id, images, outputs) of a request body, or a 4xx Refusal."""
         try:  # max_elements: a request of at most max_batch images, refused (413) before allocating
             msg = decode(body, header_length(raw_length, len(body)), "inputs",
                          max_elements=self.settings.max_batch * self.pixels)
@@ -177,62 +220,115 @@ class ServedModel:
             if request_id is not None and (not isinstance(request_id, str)
                                            or not 0 < len(request_id) <= MAX_ID_LENGTH):
                 raise ProtocolError(f"id must be a string of 1 to {MAX_ID_LENGTH} characters")
-            images = self._images(msg.tensors)
-            outputs = self._outputs(msg.header)
+            return request_id, self._images(msg.tensors), self._outputs(msg.header)
         except ProtocolError as exc:
             if exc.status == 413:
                 raise Refusal(413, f"{exc}; this server takes at most {self.settings.max_batch} images"
                               " per request", "too_large") from None
             raise Refusal(exc.status, str(exc), "bad_request") from None
-        record_id = (None if request_id is None
-                     else f"{self.settings.model_name}/{self.backend.kind}/{request_id}")
-        digest = hashlib.sha256(body).hexdigest()
+
+    def _compute(self, held: Reservation, images: torch.Tensor, outputs: list, request_id: str | None,
+                 phases: dict[str, int]) -> Answer:
+        """Run the model for a reserved request and settle it; refund it if anything fails."""
         try:
-            stored = self.store.replay(kid, record_id, digest)
-            if stored is None:
-                self.store.ensure_affordable(kid, len(images))  # refuse before computing
-                with self._model_lock:
-                    api = self.backend.infer(images).responses
-                arrays = self.layout.to_outputs(api)
-                header = {"model_name": self.settings.model_name, "model_version": VERSION}
-                if request_id is not None:
-                    header["id"] = request_id
-                out, length = encode(header, "outputs",
-                                     [Tensor(name, arrays[name], binary) for name, binary in outputs])
-                stored = self.store.charge(kid, record_id, digest, len(images), out, length)
-        except QuotaExhausted as exc:
-            raise Refusal(402, str(exc), "quota") from None
-        except RequestIdReused as exc:
-            raise Refusal(409, str(exc), "id_reused") from None
-        return stored.body, stored.header_length, len(images), stored.replayed
+            t = time.perf_counter_ns()
+            with self._model_lock:
+                phases["queue"] = (t1 := time.perf_counter_ns()) - t
+                api = self.backend.infer(images).responses
+            phases["compute_infer"] = (t2 := time.perf_counter_ns()) - t1
+            arrays = self.layout.to_outputs(api)
+            header = {"model_name": self.settings.model_name, "model_version": VERSION}
+            if request_id is not None:
+                header["id"] = request_id
+            out, length = encode(header, "outputs",
+                                 [Tensor(name, arrays[name], binary) for name, binary in outputs])
+            phases["compute_output"] = time.perf_counter_ns() - t2
+            return self.store.settle(held, out, length)
+        except BaseException:
+            try:
+                self.store.refund(held)
+                self.on_refund(held.queries)
+            except StoreUnavailable:
+                pass  # the reservation's lease runs out and the store refunds it then
+            raise
+
+    def answer(self, kid: str, body: bytes, raw_length: str | None) -> tuple[bytes, int | None, int, bool]:
+        """(body, header length, images, replayed) of the answer to one request body."""
+        start = time.perf_counter_ns()
+        ok, n, replayed, phases = False, 0, False, {}
+        try:
+            request_id, images, outputs = self._request(body, raw_length)
+            n, phases["compute_input"] = len(images), time.perf_counter_ns() - start
+            record_id = (None if request_id is None
+                         else f"{self.settings.model_name}/{self.backend.kind}/{request_id}")
+            digest = hashlib.sha256(body).hexdigest()
+            try:
+                stored = self.store.replay(kid, record_id, digest)
+                if stored is None:
+                    held = self.store.reserve(kid, record_id, digest, n)  # before the model runs
+                    stored = held if isinstance(held, Answer) else self._compute(
+                        held, images, outputs, request_id, phases)
+            except QuotaExhausted as exc:
+                raise Refusal(402, str(exc), "quota") from None
+            except RequestIdReused as exc:
+                raise Refusal(409, str(exc), "id_reused") from None
+            ok, replayed = True, stored.replayed
+            return stored.body, stored.header_length, n, stored.replayed
+        finally:
+            self.stats.record(ok, time.perf_counter_ns() - start, n, replayed, phases if ok else None)
 
 
 def create_app(backend: LocalBackend, settings: ServerSettings | None = None) -> FastAPI:
     """The FastAPI app serving ``backend`` under ``settings`` (see the module docstring)."""
     settings = settings or ServerSettings()
-    keys = {key_id(k) for k in settings.api_keys}
-    store = QuotaStore(settings.state, {key_id(k): q for k, q in settings.api_keys.items()})
-    metrics = Metrics()
-    served = ServedModel(backend, settings, store)
-    limiter = RateLimiter(settings.rate_limit, settings.burst)
-    max_body = settings.max_body_bytes or settings.max_batch * served.pixels * 4 + 65536
-    access = AccessLog(settings.access_log)
+    secret = settings.secret or os.urandom(32)
+
+    def kid_of(key: str) -> str:
+        return key_id(key, secret)
+
+    keys = {kid_of(k) for k in settings.api_keys}
+    store = open_store(settings.state, {kid_of(k): q for k, q in settings.api_keys.items()},
+                       secret_check=secret_check(secret),
+                       legacy_ids={legacy_key_id(k): kid_of(k) for k in settings.api_keys},
+                       ttl_s=settings.replay_ttl_s, per_key=settings.replay_per_key)
+    metrics = Metrics(store.usage, store.records)
     name = settings.model_name
+    stats = InferenceStats(name, VERSION)
+    served = ServedModel(backend, settings, store, stats, on_refund=metrics.refunded.inc)
+    limiter = RateLimiter(settings.rate_limit, settings.burst)
+    failures = RateLimiter(AUTH_FAILURE_RATE, settings.auth_failures)
+    max_body = settings.max_body_bytes or settings.max_batch * served.pixels * 4 + 65536
+    access = AccessLog(settings.access_log, on_failure=metrics.log_failures.inc)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        access.start()
         yield
+        access.stop()
         store.close()
 
     app = FastAPI(title="b2kd teacher", version=__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store, app.state.metrics, app.state.settings = store, metrics, settings
+    app.state.key_id = kid_of
 
     @app.exception_handler(Refusal)
     async def _refused(request: Request, exc: Refusal) -> JSONResponse:
-        metrics.inc("b2kd_refusals_total", reason=exc.reason)
+        metrics.refusals.labels(reason=exc.reason).inc()
         request.state.log["error"] = str(exc)
         return _error(exc.status, str(exc), exc.headers)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        metrics.refusals.labels(reason="store_unavailable").inc()
+        request.state.log["error"] = str(exc)
+        return _error(503, "the quota store is unavailable; nothing was charged", {"Retry-After": "5"})
+
+    @app.exception_handler(Exception)
+    async def _failed(_request: Request, exc: Exception) -> JSONResponse:
+        # a bug or a failed model: reserved queries were refunded; uvicorn logs the traceback
+        return _error(500, f"internal error ({type(exc).__name__}); nothing was charged",
+                      {"Connection": "close"})
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -248,47 +344,58 @@ def create_app(backend: LocalBackend, settings: ServerSettings | None = None) ->
             status = response.status_code
             return response
         finally:
-            route = request.scope.get("route")
-            endpoint = getattr(route, "path", "unmatched")
-            metrics.inc("b2kd_http_requests_total", endpoint=endpoint, status=str(status))
-            access.write({
-                "time": round(time.time(), 3), "method": request.method, "path": request.url.path,
-                "status": status, "ms": round(1000 * (time.perf_counter() - start), 2),
-                "client": request.client.host if request.client else None, **request.state.log,
-            })
+            try:  # bookkeeping never fails a request
+                route = request.scope.get("route")
+                metrics.requests.labels(endpoint=getattr(route, "path", "unmatched"), status=str(status)).inc()
+                access.write({
+                    "time": round(time.time(), 3), "method": request.method, "path": request.url.path,
+                    "status": status, "ms": round(1000 * (time.perf_counter() - start), 2),
+                    "client": request.client.host if request.client else None, **request.state.log,
+                })
+            except Exception:  # noqa: BLE001
+                metrics.log_failures.inc()
 
     def model_or_404(model: str, version: str = VERSION) -> None:
         if model != name or version != VERSION:
             raise Refusal(404, f"unknown model '{model}' version '{version}'; this server has"
                           f" '{name}' version '{VERSION}'", "unknown_model")
 
+    def bearer(request: Request) -> str | None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+    def refuse_auth(request: Request, message: str) -> None:
+        """401, counted against the client's address (429 once it fails too often)."""
+        failures.wait(request.client.host if request.client else "?")
+        raise Refusal(401, message, "auth", {"WWW-Authenticate": "Bearer"})
+
+    def check_failures(request: Request) -> None:
+        address = request.client.host if request.client else "?"
+        wait = failures.wait(address, take=False)
+        if wait > 0:
+            raise Refusal(429, f"too many failed authentications from {address}; retry in {wait:.2f} s",
+                          "auth_rate", {"Retry-After": str(math.ceil(wait))})
+
     def authenticate(request: Request) -> str:
         if not keys:
             return ANONYMOUS
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        challenge = {"WWW-Authenticate": "Bearer"}
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Refusal(401, "missing API key: send the header 'Authorization: Bearer KEY'", "auth",
-                          challenge)
-        kid = key_id(token.strip())
+        check_failures(request)
+        token = bearer(request)
+        if token is None:
+            refuse_auth(request, "missing API key: send the header 'Authorization: Bearer KEY'")
+        kid = kid_of(token)
         if kid not in keys:
-            raise Refusal(401, "unknown API key", "auth", challenge)
+            refuse_auth(request, "unknown API key")
         return kid
 
-    async def read_body(request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_body:
-            raise Refusal(413, f"request body of {declared} bytes; at most {max_body}", "too_large")
-        chunks, size = [], 0
-        try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_body:
-                    raise Refusal(413, f"request body over {max_body} bytes", "too_large")
-                chunks.append(chunk)
-        except ClientDisconnect:
-            raise Refusal(400, "the request body was cut short", "bad_request") from None
-        return b"".join(chunks)
+    def operator(request: Request) -> None:
+        """The metrics key, when the server has one (for /metrics and the statistics)."""
+        if settings.metrics_key is None:
+            return
+        check_failures(request)
+        token = bearer(request)
+        if token is None or not hmac.compare_digest(token.encode(), settings.metrics_key.encode()):
+            refuse_auth(request, "this endpoint needs the metrics key: 'Authorization: Bearer KEY'")
 
     @app.get("/v2/health/live")
     async def live() -> dict:
@@ -300,7 +407,13 @@ def create_app(backend: LocalBackend, settings: ServerSettings | None = None) ->
 
     @app.get("/v2")
     async def server_metadata() -> dict:
-        return {"name": "b2kd", "version": __version__, "extensions": ["binary_tensor_data"]}
+        return {"name": "b2kd", "version": __version__,
+                "extensions": ["binary_tensor_data", "statistics", "model_configuration"]}
+
+    @app.get("/v2/models/stats")
+    async def every_model_stats(request: Request) -> dict:
+        operator(request)
+        return {"model_stats": [stats.model_stats()]}
 
     @app.get("/v2/models/{model}")
     @app.get("/v2/models/{model}/versions/{version}")
@@ -314,6 +427,19 @@ def create_app(backend: LocalBackend, settings: ServerSettings | None = None) ->
         model_or_404(model, version)
         return {"name": name, "ready": True}
 
+    @app.get("/v2/models/{model}/config")
+    @app.get("/v2/models/{model}/versions/{version}/config")
+    async def model_config(model: str, version: str = VERSION) -> dict:
+        model_or_404(model, version)
+        return served.config()
+
+    @app.get("/v2/models/{model}/stats")
+    @app.get("/v2/models/{model}/versions/{version}/stats")
+    async def model_stats(request: Request, model: str, version: str = VERSION) -> dict:
+        operator(request)
+        model_or_404(model, version)
+        return {"model_stats": [stats.model_stats()]}
+
     @app.post("/v2/models/{model}/infer")
     @app.post("/v2/models/{model}/versions/{version}/infer")
     async def infer(request: Request, model: str, version: str = VERSION) -> Response:
@@ -325,22 +451,24 @@ def create_app(backend: LocalBackend, settings: ServerSettings | None = None) ->
         if wait > 0:
             raise Refusal(429, f"rate limit of {settings.rate_limit:g} requests/s exceeded;"
                           f" retry in {wait:.2f} s", "rate_limit", {"Retry-After": str(math.ceil(wait))})
-        body = await read_body(request)
-        metrics.inc("b2kd_request_bytes_total", len(body))
+        try:
+            body, received = await read_body(request, max_body, settings.read_timeout_s)
+        except BodyError as exc:
+            raise Refusal(exc.status, str(exc), exc.reason, {"Connection": "close"}) from None
+        metrics.request_bytes.inc(received)
         out, length, n, replayed = await run_in_threadpool(
             served.answer, kid, body, request.headers.get(HEADER_LENGTH))
-        metrics.inc("b2kd_replayed_queries_total" if replayed else "b2kd_queries_total", n, key=kid)
-        metrics.inc("b2kd_response_bytes_total", len(out))
-        metrics.observe_latency(time.perf_counter() - start)
-        request.state.log.update(queries=n, replayed=replayed, bytes_in=len(body), bytes_out=len(out))
+        (metrics.replayed if replayed else metrics.queries).labels(key=kid).inc(n)
+        metrics.response_bytes.inc(len(out))
+        metrics.latency.observe(time.perf_counter() - start)
+        request.state.log.update(queries=n, replayed=replayed, bytes_in=received, bytes_out=len(out))
         if length is None:
             return Response(out, media_type="application/json")
         return Response(out, media_type="application/octet-stream", headers={HEADER_LENGTH: str(length)})
 
     @app.get("/metrics")
-    async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(store.usage()),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def prometheus(request: Request) -> Response:
+        operator(request)
+        return Response(await run_in_threadpool(metrics.render), media_type=CONTENT_TYPE)
 
     return app
-
