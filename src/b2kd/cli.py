@@ -85,6 +85,11 @@ def _print_result(result: dict) -> None:
         f" | queries {result.get('queries', '-')} | private images sent"
         f" {result.get('private_images_sent', '-')}"
     )
+    from b2kd.pool_labels import thin_warning
+
+    warning = thin_warning(result.get("pool_labels"))
+    if warning:  # the end of `b2kd distill` and `b2kd evaluate`
+        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
 
 
 @teacher_app.command("train")
