@@ -3,8 +3,9 @@ import os
 import pytest
 import torch
 
-# Two threads per test process: the CI machine has 2 cores.
-torch.set_num_threads(2)
+# Two threads per test process (the CI machine has 2 cores), unless OMP_NUM_THREADS says otherwise:
+# on a machine shared with other jobs, oversubscribed OpenMP threads slow every process several-fold.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
 
 
 @pytest.fixture(autouse=True)
