@@ -98,7 +98,7 @@ class ServedTeacher:
 
     def __init__(self, checkpoint: str | Path, out: str | Path, response: str = "soft",
                  api_keys: tuple[str, ...] = (), port: int | None = None, threads: int | None = 1,
-                 overrides: tuple[str, ...] = ()):
+                 overrides: tuple[str, ...] = (), env: dict[str, str] | None = None):
         self.out = Path(out)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/v2/models/teacher"
@@ -106,13 +106,14 @@ class ServedTeacher:
                     "--host", "127.0.0.1", "--port", str(self.port), "--response", response,
                     "--out", str(self.out), *[a for k in api_keys for a in ("--api-key", k)],
                     *([f"threads={threads}"] if threads else []), *overrides]
+        self.env = {**os.environ, "COLUMNS": "200", **(env or {})}
         self.process: subprocess.Popen | None = None
 
     def start(self) -> Self:
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "serve.log", "ab") as log:
             self.process = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=log,
-                                            stderr=subprocess.STDOUT, env={**os.environ, "COLUMNS": "200"})
+                                            stderr=subprocess.STDOUT, env=self.env)
         return self
 
     def wait(self, timeout: float = 120.0) -> Self:

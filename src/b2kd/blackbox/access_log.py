@@ -30,7 +30,7 @@ class _FileHandler(logging.handlers.WatchedFileHandler):
         except Exception:  # noqa: BLE001 -- any write failure drops the record, nothing more
             self.handleError(record)
 
-    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 -- logging's name
+    def handleError(self, record: logging.LogRecord) -> None:
         if self.stream is not None:  # reopen on the next record: the path may be writable again
             try:
                 self.stream.close()
@@ -48,7 +48,7 @@ class _QueueHandler(logging.handlers.QueueHandler):
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
         return record  # the message is already a line of JSON: nothing to format on the request path
 
-    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 -- queue full
+    def handleError(self, record: logging.LogRecord) -> None:
         self.on_failure()
 
 
@@ -62,7 +62,8 @@ class AccessLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         q: queue.Queue = queue.Queue(QUEUE_SIZE)
-        self._logger = logging.Logger("b2kd.access")  # not in logging's registry: one per app
+        # not logging.getLogger: an unregistered logger per app, so two apps never share handlers
+        self._logger = logging.Logger("b2kd.access")  # noqa: LOG001
         self._logger.propagate = False
         self._logger.setLevel(logging.INFO)
         self._logger.addHandler(_QueueHandler(q, on_failure))

@@ -65,6 +65,8 @@ from b2kd.blackbox.store import (
 VERSION = "1"
 INPUT = "images"
 AUTH_FAILURE_RATE = 1.0  # failed authentications per second an address regains after its burst
+#: Request head limit (431 beyond): h11 applies its 16 KiB only to a head that arrives in pieces.
+MAX_HEAD_BYTES = 16384
 
 
 @dataclass
@@ -199,8 +201,8 @@ class ServedModel:
         wanted = header.get("outputs")
         if wanted is None:
             return [(name, default) for name in known]
-        if not isinstance(wanted, list) or not all(isinstance(o, dict) for o in wanted):
-            raise ProtocolError("outputs must be a list of objects")
+        if not isinstance(wanted, list) or not wanted or not all(isinstance(o, dict) for o in wanted):
+            raise ProtocolError("outputs must be a non-empty list of objects")
         chosen = []
         for o in wanted:
             p = o.get("parameters") or {}
@@ -340,7 +342,13 @@ def create_app(backend: LocalBackend, settings: ServerSettings | None = None) ->
         request.state.log = {}
         status = 500
         try:
-            response = await call_next(request)
+            head = len(request.scope["raw_path"]) + sum(len(k) + len(v) for k, v in request.scope["headers"])
+            if head > MAX_HEAD_BYTES:
+                metrics.refusals.labels(reason="too_large").inc()
+                response = _error(431, f"request head of {head} bytes; at most {MAX_HEAD_BYTES}",
+                                  {"Connection": "close"})
+            else:
+                response = await call_next(request)
             status = response.status_code
             return response
         finally:

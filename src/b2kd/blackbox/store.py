@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 #: Stands for every caller of a server that has no API keys.
 ANONYMOUS = "anonymous"
@@ -111,7 +112,7 @@ class Store:
     """Quotas, reservations and stored answers; subclasses give the connection and SQL dialect."""
 
     FOR_UPDATE = ""
-    TYPES = {"int": "INTEGER", "blob": "BLOB", "real": "REAL"}
+    TYPES: ClassVar[dict[str, str]] = {"int": "INTEGER", "blob": "BLOB", "real": "REAL"}
 
     def __init__(self, quotas: dict[str, int | None], secret_check: str,
                  legacy_ids: dict[str, str] | None = None, ttl_s: float = 86400.0,

@@ -13,6 +13,7 @@ import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import ClassVar
 
 from b2kd.blackbox.store import Store, StoreError, StoreUnavailable
 
@@ -26,7 +27,7 @@ def redact(url: str) -> str:
 
 class PostgresStore(Store):
     FOR_UPDATE = " FOR UPDATE"
-    TYPES = {"int": "BIGINT", "blob": "BYTEA", "real": "DOUBLE PRECISION"}
+    TYPES: ClassVar[dict[str, str]] = {"int": "BIGINT", "blob": "BYTEA", "real": "DOUBLE PRECISION"}
 
     def __init__(self, url: str, quotas: dict[str, int | None], timeout_s: float = 30.0, **kw):
         try:

@@ -1,0 +1,215 @@
+"""The quota store on SQLite and on a real PostgreSQL server: the same semantics, the same race.
+
+Reservations (charged before the model runs), settling, refunds, takeover of a
+request a killed server left, replay records expiring by age and capped per key
+while running, a store refusing another key secret, and two `b2kd serve`
+processes sharing one store with 8 clients: the quota is never exceeded and
+the usage equals the images answered.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import httpx
+import pytest
+from postgres_server import fresh_database, postgres_bin, postgres_server
+from served import images, toy_model
+
+from b2kd.blackbox.protocol import HEADER_LENGTH, Tensor, encode
+from b2kd.blackbox.store import (
+    Answer,
+    QuotaExhausted,
+    RequestIdReused,
+    Reservation,
+    StoreError,
+    open_store,
+)
+from b2kd.checkpoint import save_classifier
+from b2kd.serve import ServedTeacher
+
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(scope="module")
+def pg_server():
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL is not installed and could not be (Debian: apt-get install postgresql;"
+                    " `make test` installs it)")
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=BACKENDS)
+def location(request, tmp_path):
+    """A fresh store location of each backend."""
+    if request.param == "sqlite":
+        return str(tmp_path / "state.sqlite")
+    return fresh_database(request.getfixturevalue("pg_server"))
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def store_at(location, quotas=None, clock=None, secret="check-1", **kw):
+    return open_store(location, {"k": 10} if quotas is None else quotas, secret_check=secret,
+                      clock=clock or Clock(), **kw)
+
+
+def test_reserve_settle_replay_and_quota(location):
+    store = store_at(location)
+    held = store.reserve("k", "r1", "d1", 4)
+    assert isinstance(held, Reservation) and store.usage()["k"] == (4, 10)  # charged before computing
+    answer = store.settle(held, b"body-1", 7)
+    assert (answer.body, answer.header_length, answer.replayed) == (b"body-1", 7, False)
+    assert store.replay("k", "r1", "d1") == Answer(b"body-1", 7, replayed=True)
+    assert store.reserve("k", "r1", "d1", 4) == Answer(b"body-1", 7, replayed=True)  # free
+    with pytest.raises(RequestIdReused):
+        store.reserve("k", "r1", "other", 4)
+    with pytest.raises(QuotaExhausted, match="4 of 10 queries used and 7 more"):
+        store.reserve("k", None, "d2", 7)
+    assert store.usage()["k"] == (4, 10) and store.records() == 1
+    store.close()
+
+
+def test_refunds_and_a_takeover_are_charged_once(location):
+    store = store_at(location)
+    held = store.reserve("k", "r2", "d2", 3)
+    assert store.usage()["k"][0] == 3
+    # a retry of the same request (the first server was killed): taken over, not charged again
+    assert store.reserve("k", "r2", "d2", 3) == held and store.usage()["k"][0] == 3
+    with pytest.raises(RequestIdReused, match="in use"):
+        store.reserve("k", "r2", "another body", 3)
+    store.refund(held)
+    store.refund(held)  # twice: nothing more
+    assert store.usage()["k"][0] == 0
+    store.settle(held, b"late", None)  # its twin, refunded meanwhile, settles: charged then
+    assert store.usage()["k"][0] == 3 and store.replay("k", "r2", "d2").body == b"late"
+    twin = store.reserve("k", "r3", "d3", 2)
+    store.settle(twin, b"first", None)
+    assert store.settle(twin, b"second", None) == Answer(b"first", None, replayed=True)
+    assert store.usage()["k"][0] == 5
+    store.close()
+
+
+def test_records_expire_and_are_capped_while_running(location):
+    clock = Clock(0.0)
+    store = store_at(location, {"k": None}, clock=clock, ttl_s=100.0, per_key=3)
+    for i in range(5):
+        clock.now = float(i)
+        store.settle(store.reserve("k", f"r{i}", f"d{i}", 1), f"b{i}".encode(), None)
+    assert store.records() == 3 and store.replay("k", "r1", "d1") is None  # r0 and r1 dropped
+    clock.now = 103.5  # r2 (t=2) and r3 (t=3) are past the window, r4 (t=4) is not
+    assert store.replay("k", "r3", "d3") is None and store.replay("k", "r4", "d4").body == b"b4"
+    store.reserve("k", None, "x", 1)  # the next request purges (at most once a minute)
+    assert store.records() == 1
+    again = store.reserve("k", "r2", "a different body", 1)  # an expired id is a new request
+    assert isinstance(again, Reservation) and store.usage()["k"][0] == 7
+    store.close()
+
+
+def test_an_abandoned_reservation_is_refunded_after_its_lease(location):
+    clock = Clock(0.0)
+    store = store_at(location, clock=clock, lease_s=600.0)
+    store.reserve("k", None, "d", 5)  # the server computing it was killed
+    assert store.usage()["k"][0] == 5
+    clock.now = 601.0
+    store.purge()
+    assert store.usage()["k"][0] == 0
+    store.close()
+
+
+def test_a_store_refuses_a_server_with_another_secret(location):
+    store_at(location, secret="check-1").close()
+    with pytest.raises(StoreError, match="another key secret"):
+        store_at(location, secret="check-2")
+    store_at(location, secret="check-1").close()  # the right one still opens it
+
+
+def test_usage_under_unsalted_ids_is_carried_over(tmp_path):
+    """A state file written before key ids were keyed hashes keeps its usage."""
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE keys (key_id TEXT PRIMARY KEY, quota INTEGER, used INTEGER NOT NULL"
+                   " DEFAULT 0)")
+        db.execute("INSERT INTO keys VALUES ('k-old', 100, 42)")
+    store = open_store(path, {"k-new": 100}, secret_check="c", legacy_ids={"k-old": "k-new"})
+    assert store.usage() == {"k-new": (42, 100)}
+    store.close()
+
+
+# --- two server processes, 8 clients, one quota ---------------------------------------------------
+
+
+def race(urls: list[str], key: str, clients: int = 8, per_client: int = 10, batch: int = 8) -> tuple[int, int]:
+    """8 clients, alternating between the servers, each sending batches until refused:
+    (images answered, requests refused with 402)."""
+    answered, refused, errors = [0], [0], []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        try:
+            with httpx.Client(headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
+                for j in range(per_client):
+                    x = images(batch, seed=1000 * i + j)
+                    header = {"id": f"c{i}-{j}"} if j % 2 else {}
+                    body, length = encode(header, "inputs", [Tensor("images", x.numpy(), True)])
+                    r = c.post(urls[(i + j) % len(urls)] + "/infer", content=body,
+                               headers={HEADER_LENGTH: str(length)})
+                    with lock:
+                        if r.status_code == 402:
+                            refused[0] += 1
+                            return
+                        assert r.status_code == 200, r.text[:200]
+                        answered[0] += batch
+        except Exception as exc:  # noqa: BLE001 -- reported on the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    return answered[0], refused[0]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("race") / "teacher.pt"
+    save_classifier(toy_model(), path, dataset="npz", image_size=28)
+    return path
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_server_processes_never_exceed_one_quota(backend, checkpoint, tmp_path, request):
+    quota = 300
+    if backend == "sqlite":  # one host: both processes on one state file (and one secret)
+        outs, extra = [tmp_path / "server", tmp_path / "server"], ()
+    else:  # two hosts: their own directories, one database, one secret given to both
+        (tmp_path / "secret").write_text("a shared secret of two hosts\n")
+        outs = [tmp_path / "host-a", tmp_path / "host-b"]
+        extra = (f"serve.store={fresh_database(request.getfixturevalue('pg_server'))}",
+                 f"serve.secret_file={tmp_path / 'secret'}")
+    servers = [ServedTeacher(checkpoint, out, "soft", api_keys=(f"k:{quota}",), overrides=extra)
+               for out in outs]
+    try:
+        for s in servers:
+            s.start()
+        for s in servers:
+            s.wait()
+        answered, refused = race([s.url for s in servers], "k")
+        usage = httpx.get(servers[0].url.split("/v2/")[0] + "/metrics").text
+    finally:
+        for s in servers:
+            s.stop()
+    used = sum(float(line.rsplit(" ", 1)[1]) for line in usage.splitlines()
+               if line.startswith("b2kd_quota_used{"))
+    assert refused >= 1, "the demand (640 images) exceeds the quota (300): someone must be refused"
+    assert used == answered <= quota and answered == quota - quota % 8
