@@ -15,7 +15,7 @@ import threading
 import httpx
 import pytest
 from postgres_server import fresh_database, postgres_bin, postgres_server
-from served import images, toy_model
+from served import ThreadServer, images, toy_model
 
 from b2kd.blackbox.protocol import HEADER_LENGTH, Tensor, encode
 from b2kd.blackbox.store import (
@@ -213,3 +213,27 @@ def test_two_server_processes_never_exceed_one_quota(backend, checkpoint, tmp_pa
                if line.startswith("b2kd_quota_used{"))
     assert refused >= 1, "the demand (640 images) exceeds the quota (300): someone must be refused"
     assert used == answered <= quota and answered == quota - quota % 8
+
+
+def test_a_lost_database_connection_is_a_503_and_the_server_reconnects(pg_server, tmp_path):
+    """PostgreSQL restarted or the connection cut: 503 with Retry-After, nothing charged, and the
+    next request goes through on a new connection."""
+    import psycopg
+
+    url = fresh_database(pg_server)
+    with ThreadServer(toy_model(), api_keys={"k": 100}, state=url) as s:
+        body, length = encode({}, "inputs", [Tensor("images", images(2).numpy(), True)])
+
+        def post() -> httpx.Response:
+            return httpx.post(s.url + "/infer", content=body,
+                              headers={"Authorization": "Bearer k", HEADER_LENGTH: str(length)})
+
+        assert post().status_code == 200
+        with psycopg.connect(url, autocommit=True) as admin:  # cut the server's connection
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                          " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        r = post()
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert "nothing was charged" in r.json()["error"]
+        assert post().status_code == 200
+        assert s.app.state.store.usage()[s.app.state.key_id("k")][0] == 4

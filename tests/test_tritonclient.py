@@ -28,7 +28,7 @@ def test_tritonclient_calls_against_b2kd_serve(tmp_path):
     key_file.write_text(f"# the provider's keys\n{FILE_KEY}:1000\n")
     key_file.chmod(0o600)
     server = ServedTeacher(tmp_path / "teacher.pt", tmp_path / "server", "soft",
-                           overrides=(f"serve.api_key_file={key_file}", "serve.max_batch=32"),
+                           overrides=("--api-key-file", str(key_file), "serve.max_batch=32"),
                            env={"B2KD_SERVE_KEYS": f"{ENV_KEY}:50"})
     x = images(4, seed=3).numpy()
     expected = LocalBackend(model).infer(images(4, seed=3)).responses.numpy()
