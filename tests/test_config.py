@@ -6,12 +6,12 @@ from b2kd.config import ConfigError, load_config, parse_override, save_config
 
 def test_defaults_file_options_and_overrides_in_order(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("distill:\n  epochs: 7\n  budget: 100\nseed: 3\n")
-    cfg = load_config(path, {"distill.budget": 50, "distill.student": None},
+    path.write_text("distill:\n  epochs: 7\n  budget: 1000\nseed: 3\n")
+    cfg = load_config(path, {"distill.budget": 500, "distill.student": None},
                       ["distill.epochs=5", "distill.milestones=[1, 2]", "deprivatize.widths=[32,16]"])
     assert cfg.seed == 3
     assert cfg.distill.epochs == 5  # override beats file
-    assert cfg.distill.budget == 50  # option beats file
+    assert cfg.distill.budget == 500  # option beats file
     assert cfg.distill.student == "resnet8"  # None means "not given"
     assert cfg.distill.milestones == [1, 2]
     assert cfg.deprivatize.widths == (32, 16)

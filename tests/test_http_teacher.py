@@ -12,18 +12,16 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import httpx
-import numpy as np
 import pytest
 import torch
 import yaml
 from served import ThreadServer, images, toy_model
 from test_cli import assert_ok, assert_user_error, invoke, ledger_rows
+from toy import make_toy
 
 from b2kd.blackbox import BlackBoxError, BlackBoxTeacher, Ledger, LocalBackend, image_hashes
 from b2kd.blackbox.http import HTTPTeacher, retry_after, split_url
 from b2kd.blackbox.keys import key_id, load_secret
-from b2kd.checkpoint import save_classifier, save_generator
-from b2kd.models import Generator
 from b2kd.pool import pay
 from b2kd.serve import ServedTeacher
 
@@ -126,21 +124,7 @@ def test_a_tight_rate_limit_slows_the_client_down_and_it_completes(model, tmp_pa
 @pytest.fixture(scope="module")
 def toy(model, tmp_path_factory):
     """A teacher checkpoint, a generator, a random .npz dataset and a toy config for the CLI."""
-    root = tmp_path_factory.mktemp("http-toy")
-    rng = np.random.default_rng(0)
-    np.savez(root / "data.npz", x_train=rng.integers(0, 256, (100, 28, 28), dtype=np.uint8),
-             y_train=np.arange(100) % 10, x_test=rng.integers(0, 256, (50, 28, 28), dtype=np.uint8),
-             y_test=np.arange(50) % 10)
-    save_classifier(model, root / "teacher.pt", dataset="npz", image_size=28)
-    torch.manual_seed(0)
-    save_generator(Generator(10, 28, 1, (16, 8)), root / "generator.pt")
-    config = {"threads": 1, "data": {"dataset": "npz", "root": str(root / "data.npz"), "local_fraction": 0.25},
-              "deprivatize": {"epochs": 1, "widths": [16, 8], "max_queries": 40, "query_every": 2,
-                              "query_batch": 8},
-              "distill": {"student": "lenet5", "budget": 200, "epochs": 1, "batch_size": 32,
-                          "query_batch": 64}}
-    (root / "toy.yaml").write_text(yaml.safe_dump(config))
-    return root
+    return make_toy(tmp_path_factory.mktemp("http-toy"), model)
 
 
 def server_used(server_dir, key: str) -> int:

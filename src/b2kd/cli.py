@@ -175,12 +175,38 @@ def distill(
 
 @app.command("evaluate")
 @friendly
-def evaluate_cmd(run_dir: Annotated[Path, typer.Argument(help="a distillation run directory")]):
+def evaluate_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a distillation run directory")],
+    pay_fidelity: Annotated[int | None, typer.Option(
+        help="with a served teacher and no local copy: pay for N test images (through the ledger,"
+             " apart from the pool) to report teacher accuracy and fidelity")] = None,
+    api_key: ApiKeyOpt = None,
+):
     """Evaluate a run's students on the test set; writes report.md and report.json."""
     from b2kd.pipeline import run_evaluate
 
-    _print_result(run_evaluate(run_dir))
+    if pay_fidelity is None:
+        _print_result(run_evaluate(run_dir))
+    else:
+        from b2kd.fidelity import evaluate_with_paid_fidelity
+
+        _print_result(evaluate_with_paid_fidelity(run_dir, pay_fidelity, api_key, log=console.print))
     console.print(f"report -> {run_dir / 'report.md'}")
+
+
+ledger_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="A run's query ledger.")
+app.add_typer(ledger_app, name="ledger")
+
+
+@ledger_app.command("clean")
+@friendly
+def ledger_clean(run: Annotated[Path, typer.Argument(help="a run directory, or a ledger .sqlite file")]):
+    """Remove the answers a ledger holds that are no valid response (NaN, inf, logits taken for
+    probabilities, ...): a ledger refuses to serve them until then. They are paid for again."""
+    from b2kd.blackbox.ledger import clean_ledger
+
+    path, removed, kept = clean_ledger(run)
+    console.print(f"{path}: removed {removed} invalid answers, kept {kept}", markup=False, highlight=False)
 
 
 RunDir = Annotated[Path, typer.Argument(help="a distillation run directory")]
@@ -312,7 +338,8 @@ def demo(
     api_key: ApiKeyOpt = None,
     overrides: Overrides = None,
 ):
-    """The whole story on MNIST, offline: teacher, deprivatize, MEKD soft and hard, report."""
+    """The whole story offline on the config's dataset [data.dataset]: teacher, deprivatize,
+    MEKD soft and hard, report."""
     from b2kd.demo import run_demo
 
     cfg = _config(config, {"out": out, "teacher.url": teacher_url, "teacher.api_key": api_key}, overrides)

@@ -1,4 +1,4 @@
-"""``b2kd demo``: the whole story on MNIST, offline, on a CPU.
+"""``b2kd demo``: the whole story on the configured dataset (MNIST in configs/demo.yaml), offline, on a CPU.
 
 teacher (trained once, then reused) -> served by ``b2kd serve`` on 127.0.0.1,
 one server per response kind, every query over HTTP -> deprivatize on the 10% private set ->
@@ -55,7 +55,7 @@ def _served_elsewhere(cfg: Config) -> dict[str, str]:
     """A teacher at ``teacher.url``: its one response kind is what every stage asks for."""
     from b2kd.blackbox.http import HTTPTeacher
 
-    with HTTPTeacher(cfg.teacher.url, cfg.teacher.api_key) as api:
+    with HTTPTeacher.from_config(cfg.teacher) as api:
         kind = str(api.kind)
     cfg.deprivatize.response = kind
     return {kind: cfg.teacher.url}
@@ -96,6 +96,7 @@ def _run_stages(cfg: Config, out: Path, console: Console, servers: ExitStack) ->
     cfg.deprivatize.generator = dep["generator"]
 
     report: dict = {
+        "dataset": cfg.data.dataset,
         "teacher_acc": meta["test_acc"],
         "teacher_arch": meta["arch"],
         "student_arch": cfg.distill.student,
@@ -154,8 +155,18 @@ def _mb(sent: int, received: int) -> str:
     return f"{sent / 1e6:.1f}/{received / 1e6:.2f}"
 
 
+#: How the demo's tables name the datasets people know by another spelling.
+DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10",
+                 "cifar100": "CIFAR-100", "svhn": "SVHN"}
+
+
+def dataset_name(dataset: str) -> str:
+    return DATASET_NAMES.get(dataset, dataset)
+
+
 def summary_table(report: dict) -> Table:
-    table = Table(title=f"b2kd demo: MNIST, teacher {report['teacher_arch']} -> student {report['student_arch']}")
+    table = Table(title=f"b2kd demo: {dataset_name(report.get('dataset', 'mnist'))}, teacher"
+                        f" {report['teacher_arch']} -> student {report['student_arch']}")
     for col in ("stage", "test acc", "fidelity", "queries", "MB sent/recv", "private sent", "wall s"):
         # the stage names stay whole; numeric columns wrap their headers on narrow terminals
         table.add_column(col, justify="right" if col != "stage" else "left", no_wrap=col == "stage")

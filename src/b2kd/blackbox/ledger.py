@@ -4,6 +4,12 @@ One row per paid query: the image's hash, the bytes that travelled each way,
 the response in API form and, unless switched off, the image itself. The
 ledger doubles as the response cache (a repeated image costs nothing) and as
 the evidence that no private image ever left the device.
+
+Only valid answers enter it (:mod:`b2kd.blackbox.validate`), and a ledger that
+holds invalid ones (written by an older b2kd, or edited) refuses to serve them:
+``b2kd ledger clean RUN`` removes them, to be paid again. Queries of evaluation
+stages (``fidelity``: test images paid for to measure a served teacher) are
+counted apart: they spend no query budget and are not in :meth:`Ledger.totals`.
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ from typing import Self
 
 import numpy as np
 import torch
+
+from b2kd.blackbox.base import BlackBoxError
+from b2kd.blackbox.validate import InvalidAnswer, invalid_rows, problem
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS queries (
@@ -32,6 +41,13 @@ CREATE TABLE IF NOT EXISTS queries (
     UNIQUE (hash, kind)
 );
 """
+
+#: Stages whose queries measure rather than train: counted apart from the budget and the totals.
+EVALUATION_STAGES = ("fidelity",)
+
+
+class PoisonedLedger(BlackBoxError):
+    """A ledger holding answers that are no valid response (it will not serve them)."""
 
 
 def image_hashes(images: torch.Tensor) -> list[str]:
@@ -82,7 +98,49 @@ class Ledger:
             )
             for h, blob, sent, received in rows:
                 found[h] = (torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy()), sent, received)
+        self._refuse_invalid([r for r, _, _ in found.values()], kind)
         return found
+
+    def _refuse_invalid(self, responses: list[torch.Tensor], kind: str) -> None:
+        if not responses:
+            return
+        try:
+            why = problem(torch.stack(responses), kind)
+        except RuntimeError:  # rows of different lengths
+            why = "rows of different numbers of classes"
+        if why is not None:
+            raise PoisonedLedger(f"the ledger {self.path} holds invalid '{kind}' answers ({why});"
+                                 f" remove them with `b2kd ledger clean {self.path}` (they will be"
+                                 " paid for again)")
+
+    def invalid_ids(self) -> list[int]:
+        """Row ids whose response is no valid answer of the row's kind."""
+        bad: list[int] = []
+        kinds = [k for (k,) in self._db.execute("SELECT DISTINCT kind FROM queries")]
+        for kind in kinds:
+            rows = self._db.execute("SELECT id, response FROM queries WHERE kind = ?", (kind,)).fetchall()
+            by_length: dict[int, list[tuple[int, np.ndarray]]] = {}
+            for i, blob in rows:
+                values = np.frombuffer(blob, dtype=np.float32)
+                by_length.setdefault(len(values), []).append((i, values))
+            for length, group in by_length.items():
+                if length < 2:
+                    bad += [i for i, _ in group]
+                    continue
+                try:
+                    mask = invalid_rows(torch.from_numpy(np.stack([v for _, v in group])), kind)
+                except ValueError:  # a kind this b2kd does not know
+                    mask = torch.ones(len(group), dtype=torch.bool)
+                bad += [i for (i, _), b in zip(group, mask.tolist(), strict=True) if b]
+        return sorted(bad)
+
+    def clean(self) -> tuple[int, int]:
+        """Delete the rows holding invalid answers; (rows removed, rows kept)."""
+        bad = self.invalid_ids()
+        with self._db:
+            self._db.executemany("DELETE FROM queries WHERE id = ?", [(i,) for i in bad])
+        (kept,) = self._db.execute("SELECT COUNT(*) FROM queries").fetchone()
+        return len(bad), kept
 
     def record(
         self,
@@ -94,7 +152,10 @@ class Ledger:
         bytes_received: list[int],
         stage: str,
     ) -> None:
-        """Store one paid batch in a single transaction (all rows or none)."""
+        """Store one paid batch in a single transaction (all rows or none); invalid answers never."""
+        why = problem(responses, kind)
+        if why is not None:
+            raise InvalidAnswer(f"refusing to record invalid '{kind}' answers: {why}")
         now = time.time()
         shape = "x".join(str(d) for d in images.shape[1:])
         imgs = images.cpu().numpy()
@@ -121,11 +182,16 @@ class Ledger:
             )
 
     def count(self, stage: str | None = None) -> int:
-        """Paid queries, optionally of one stage."""
+        """Paid queries of one stage, or of every stage but the evaluation ones."""
         return self.totals(stage)["queries"]
 
     def totals(self, stage: str | None = None) -> dict[str, int]:
-        where, args = ("WHERE stage = ?", [stage]) if stage else ("", [])
+        """Queries and bytes of one stage, or of every stage but the evaluation ones."""
+        if stage:
+            where, args = "WHERE stage = ?", [stage]
+        else:
+            where = f"WHERE stage NOT IN ({','.join('?' * len(EVALUATION_STAGES))})"
+            args = list(EVALUATION_STAGES)
         q, sent, recv = self._db.execute(
             "SELECT COUNT(*), COALESCE(SUM(bytes_sent), 0), COALESCE(SUM(bytes_received), 0)"
             f" FROM queries {where}",
@@ -154,3 +220,19 @@ class Ledger:
         for start in range(0, len(private_images), batch):
             hits += sum(h in sent for h in image_hashes(private_images[start : start + batch]))
         return hits
+
+
+def clean_ledger(run: str | Path) -> tuple[Path, int, int]:
+    """Remove the invalid answers of a run's ledger (a run directory or the file itself);
+    (the ledger's path, rows removed, rows kept)."""
+    path = Path(run)
+    if path.is_dir():
+        path = path / "ledger.sqlite"
+    if not path.is_file():
+        raise BlackBoxError(f"no ledger at {path}: give a run directory or a ledger .sqlite file")
+    try:
+        with Ledger(path) as ledger:
+            removed, kept = ledger.clean()
+    except sqlite3.DatabaseError as exc:
+        raise BlackBoxError(f"{path} is not a b2kd ledger ({exc})") from None
+    return path, removed, kept

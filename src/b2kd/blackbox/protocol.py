@@ -186,7 +186,9 @@ def decode(body: bytes, length: int | None, key: str, max_elements: int | None =
             raise ProtocolError(f"tensor '{name}': shape {list(dims)} is too large ({count} values,"
                                 f" at most {max_elements})", 413)
         dtype = DATATYPES[datatype]
-        params = entry.get("parameters", {})
+        params = entry.get("parameters")
+        if params is None:  # optional in the v2 spec; kserve sends "parameters": null
+            params = {}
         if not isinstance(params, dict):
             raise ProtocolError(f"tensor '{name}': parameters must be an object")
         if BINARY_SIZE in params:

@@ -2,7 +2,8 @@
 
 Wraps any backend with the ledger (every paid query recorded, repeated images
 served from the cache for free) and the budget (a query that would overspend
-is refused before anything is sent).
+is refused before anything is sent). Answers are recorded one backend request
+at a time, so an error in a later request loses nothing paid before it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class BlackBoxTeacher:
 
     @property
     def spent(self) -> int:
-        """Queries paid in this ledger so far (all stages)."""
+        """Queries paid in this ledger so far (every stage but the evaluation ones: they spend no budget)."""
         return self.ledger.count()
 
     @property
@@ -82,8 +83,9 @@ class BlackBoxTeacher:
                 f" {len(first_new)} more requested; nothing was sent"
             )
         new_hashes = list(first_new)
-        for start in range(0, len(new_hashes), self.batch_size):
-            chunk = new_hashes[start : start + self.batch_size]
+        step = min(self.batch_size, getattr(self.backend, "batch_size", None) or self.batch_size)
+        for start in range(0, len(new_hashes), step):
+            chunk = new_hashes[start : start + step]
             batch = images[[first_new[h] for h in chunk]].contiguous()
             answer = self.backend.infer(batch)
             self.ledger.record(
