@@ -329,8 +329,8 @@ def create_app(backend: LocalBackend, settings: ServerSettings | None = None) ->
     @app.exception_handler(Exception)
     async def _failed(_request: Request, exc: Exception) -> JSONResponse:
         # a bug or a failed model: reserved queries were refunded; uvicorn logs the traceback
-        return _error(500, f"internal error ({type(exc).__name__}); nothing was charged",
-                      {"Connection": "close"})
+        return _error(500, f"internal error ({type(exc).__name__}); what was reserved for this request"
+                      " was refunded", {"Connection": "close"})
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -342,7 +342,8 @@ def create_app(backend: LocalBackend, settings: ServerSettings | None = None) ->
         request.state.log = {}
         status = 500
         try:
-            head = len(request.scope["raw_path"]) + sum(len(k) + len(v) for k, v in request.scope["headers"])
+            head = len(request.scope.get("raw_path", b""))
+            head += sum(len(k) + len(v) for k, v in request.scope["headers"])
             if head > MAX_HEAD_BYTES:
                 metrics.refusals.labels(reason="too_large").inc()
                 response = _error(431, f"request head of {head} bytes; at most {MAX_HEAD_BYTES}",
