@@ -2,9 +2,9 @@
 
 Reservations (charged before the model runs), settling, refunds, takeover of a
 request a killed server left, replay records expiring by age and capped per key
-while running, a store refusing another key secret, and two `b2kd serve`
-processes sharing one store with 8 clients: the quota is never exceeded and
-the usage equals the images answered.
+while running, a store refusing another key secret, and two server processes
+(`b2kd serve` and one in the test's process) sharing one store with 8
+clients: the quota is never exceeded and the usage equals the images answered.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 from postgres_server import fresh_database, postgres_bin, postgres_server
 from served import ThreadServer, images, toy_model
 
+from b2kd.blackbox.keys import load_secret
 from b2kd.blackbox.protocol import HEADER_LENGTH, Tensor, encode
 from b2kd.blackbox.store import (
     Answer,
@@ -189,28 +190,26 @@ def checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_server_processes_never_exceed_one_quota(backend, checkpoint, tmp_path, request):
+    """A `b2kd serve` process and a server in this test's process share one store."""
     quota = 300
-    if backend == "sqlite":  # one host: both processes on one state file (and one secret)
-        outs, extra = [tmp_path / "server", tmp_path / "server"], ()
-    else:  # two hosts: their own directories, one database, one secret given to both
-        (tmp_path / "secret").write_text("a shared secret of two hosts\n")
-        outs = [tmp_path / "host-a", tmp_path / "host-b"]
-        extra = (f"serve.store={fresh_database(request.getfixturevalue('pg_server'))}",
-                 f"serve.secret_file={tmp_path / 'secret'}")
-    servers = [ServedTeacher(checkpoint, out, "soft", api_keys=(f"k:{quota}",), overrides=extra)
-               for out in outs]
+    secret_file = tmp_path / "server" / "secret"
+    if backend == "sqlite":  # one host: both on one state file (and the secret beside it)
+        store, extra = tmp_path / "server" / "state.sqlite", ()
+    else:  # two hosts: one database, one secret given to both
+        secret_file.parent.mkdir()
+        secret_file.write_text("a shared secret of two hosts\n")
+        store = fresh_database(request.getfixturevalue("pg_server"))
+        extra = (f"serve.store={store}", f"serve.secret_file={secret_file}")
+    served = ServedTeacher(checkpoint, tmp_path / "server", "soft", api_keys=(f"k:{quota}",),
+                           overrides=extra).start()
     try:
-        for s in servers:
-            s.start()
-        for s in servers:
-            s.wait()
-        answered, refused = race([s.url for s in servers], "k")
-        usage = httpx.get(servers[0].url.split("/v2/")[0] + "/metrics").text
+        served.wait()
+        with ThreadServer(toy_model(), api_keys={"k": quota}, state=store,
+                          secret=load_secret(secret_file, create=False)) as local:
+            answered, refused = race([served.url, local.url], "k")
+            used = local.app.state.store.usage()[local.app.state.key_id("k")][0]
     finally:
-        for s in servers:
-            s.stop()
-    used = sum(float(line.rsplit(" ", 1)[1]) for line in usage.splitlines()
-               if line.startswith("b2kd_quota_used{"))
+        served.stop()
     assert refused >= 1, "the demand (640 images) exceeds the quota (300): someone must be refused"
     assert used == answered <= quota and answered == quota - quota % 8
 
