@@ -91,6 +91,22 @@ def ledger_rows(path: Path) -> list[tuple[str, str]]:
         return db.execute("SELECT kind, stage FROM queries ORDER BY id").fetchall()
 
 
+def predictions_on_test_split(checkpoint: Path, npz: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top-1 of the checkpoint's model, true labels) on the tiny set's test split, recomputed
+    here from the files, to check what the reports say."""
+    from b2kd.checkpoint import load_classifier
+    from b2kd.data import load_dataset
+    from b2kd.evaluate import predict
+
+    test = load_dataset("npz", "test", str(npz), 28, 1)
+    model, _ = load_classifier(checkpoint)
+    return predict(model, test.images), test.labels
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a == b).float().mean())
+
+
 def metric_epochs(run: Path) -> list[int]:
     path = run / "metrics.jsonl"
     if not path.is_file():
@@ -192,7 +208,8 @@ def test_teacher_train_writes_checkpoint_with_metadata_and_config(teacher_run, t
     assert meta["image_size"] == 28 and meta["channels"] == 1 and meta["num_classes"] == 10
     norm = meta["normalisation"]
     assert len(norm["mean"]) == 1 and len(norm["std"]) == 1 and norm["std"][0] > 0
-    assert 0.0 <= meta["test_acc"] <= 1.0
+    pred, labels = predictions_on_test_split(out / "teacher.pt", tiny_npz)
+    assert meta["test_acc"] == agreement(pred, labels)  # the 200 test images, recomputed
     assert f"{100 * meta['test_acc']:.2f}%" in result.stdout
     cfg = load_config(out / "config.yaml")
     assert cfg.teacher.arch == "lenet5" and cfg.teacher.epochs == 2
@@ -228,7 +245,7 @@ def test_deprivatize_writes_generator_samples_and_ledger_without_private_images(
 
 
 @pytest.mark.parametrize("response", ["soft", "hard"])
-def test_distill_pays_exactly_the_budget_and_reports(distilled, response):
+def test_distill_pays_exactly_the_budget_and_reports(distilled, teacher_run, tiny_npz, response):
     out, _, result = distilled[response]
     assert "images/s" in result.stdout
     assert "privateimagessent0" in squash(result.stdout)
@@ -246,15 +263,32 @@ def test_distill_pays_exactly_the_budget_and_reports(distilled, response):
 
     report = json.loads((out / "report.json").read_text())
     assert report["response"] == response and report["budget"] == BUDGET
-    assert 0.0 <= report["student_acc"] <= 1.0
-    assert 0.0 <= report["fidelity"] <= 1.0
-    assert 0.0 <= report["teacher_acc"] <= 1.0
+    # the accuracies are those of the checkpoints on the test split (the toy runs are at chance:
+    # whether a student learns is test_learning.py's question)
+    student_pred, labels = predictions_on_test_split(out / "checkpoints" / "best.pt", tiny_npz)
+    teacher_pred, _ = predictions_on_test_split(teacher_run[0] / "teacher.pt", tiny_npz)
+    assert report["student_acc"] == report["best"]["acc"] == agreement(student_pred, labels)
+    assert report["fidelity"] == agreement(student_pred, teacher_pred)
+    assert report["teacher_acc"] == agreement(teacher_pred, labels)
     assert report["queries"] == BUDGET
     assert report["bytes_sent"] == BUDGET * PIXELS
     assert report["bytes_received"] == BUDGET * BYTES_RECEIVED[response]
     assert report["private_images_sent"] == 0
     rows = ledger_rows(out / "ledger.sqlite")
     assert rows == [(response, "distill")] * BUDGET
+
+    # how the teacher labelled the paid pool: the ledger's answers, counted here independently
+    with Ledger(out / "ledger.sqlite") as ledger:
+        answers = torch.stack(list(ledger.lookup(list(ledger.sent_hashes()), response).values()))
+    counts = torch.bincount(answers.argmax(1), minlength=10).tolist()
+    labels_report = report["pool_labels"]
+    assert labels_report["counts"] == counts and labels_report["answers"] == BUDGET
+    thin = [k for k in range(10) if counts[k] < 0.25 * BUDGET / 10]
+    assert labels_report["thin_classes"] == thin
+    assert ("warning: thin" in result.stdout) == bool(thin)
+    md = (out / "report.md").read_text()
+    assert "## How the teacher labelled the paid pool" in md and "not test accuracy" in md
+    assert all(f"| {k} | {c} | {100 * c / BUDGET:.2f}% |" in md for k, c in enumerate(counts))
 
 
 def test_rerunning_a_finished_distillation_pays_and_trains_nothing(distilled):
@@ -365,6 +399,8 @@ def test_evaluate_recreates_the_reports(distilled):
                 "private_images_sent", "response", "budget"):
         assert after[key] == before[key], key
     assert after["best"]["epoch"] == before["best"]["epoch"]
+    assert after["pool_labels"] == before["pool_labels"]
+    assert ("warning: thin" in result.stdout) == bool(after["pool_labels"]["thin_classes"])
 
 
 def test_evaluate_on_a_directory_that_is_not_a_run(tmp_path):
@@ -434,19 +470,24 @@ def test_demo_at_toy_scale_reports_and_reuses_the_cached_teacher(toy_config, tmp
                  "edge deliverable", "INT8 acc", "near-copies"):
         assert text in first.stdout, text
     report = json.loads((out / "report.json").read_text())
-    assert 0.0 <= report["teacher_acc"] <= 1.0
+    assert report["teacher_acc"] == read(out / "teacher" / "teacher.pt")["meta"]["test_acc"]
     assert 0 < report["deprivatize_queries"] <= MAX_QUERIES
     assert report["deprivatize_private_images_sent"] == 0
     assert report["budget"] == BUDGET
     for response in ("soft", "hard"):
         r = report[response]
-        assert 0.0 <= r["student_acc"] <= 1.0 and 0.0 <= r["fidelity"] <= 1.0
+        run_report = json.loads((out / response / "report.json").read_text())
+        assert r["student_acc"] == run_report["student_acc"]
+        assert r["fidelity"] == run_report["fidelity"]
+        assert run_report["teacher_acc"] == report["teacher_acc"]
         assert 0 < r["queries"] <= BUDGET
         # the demo queries a real server: 1 byte per pixel plus each request's JSON header
         assert r["queries"] * PIXELS < r["bytes_sent"] <= r["queries"] * PIXELS * 1.05
         assert r["private_images_sent"] == 0
         # the edge deliverable and the audit of what was sent
-        assert 0.0 <= r["int8_acc"] <= 1.0 and r["int8_latency_ms_p50"] > 0
+        # the exported fp32 model is the best student (numpy float64 against torch float32)
+        assert r["fp32_acc"] == pytest.approx(r["student_acc"], abs=1e-6)
+        assert abs(r["int8_acc"] - r["fp32_acc"]) <= 0.05 and r["int8_latency_ms_p50"] > 0
         assert 0 < r["int8_bytes"] <= 0.30 * r["fp32_bytes"]
         assert r["near_copy_fraction"] == 0.0
         assert (out / response / "student.int8.onnx").stat().st_size == r["int8_bytes"]

@@ -1,8 +1,9 @@
 """ONNX export: parity with PyTorch, INT8 calibrated on generator images only, reports, errors.
 
 Tolerances: fp32 ONNX logits match PyTorch within 1e-4 (float32 rounding of the
-same arithmetic) with identical top-1 on every image; INT8 is checked for size
-and for agreeing with fp32 on most images of a toy student, not for exact logits.
+same arithmetic) with identical top-1 on every image; INT8 is checked for size,
+for agreeing with fp32 on most images, and on a student that learned, for an
+accuracy within 5 points of fp32's; not for exact logits.
 """
 
 from __future__ import annotations
@@ -70,10 +71,17 @@ def test_export_of_a_trained_student(toy_runs):
     assert set(models) == {"fp32", "int8", "int8_dynamic"}
     for m in models.values():
         assert (run / m["file"]).stat().st_size == m["bytes"]
-        assert 0.0 <= m["acc"] <= 1.0 and 0.0 <= m["fidelity"] <= 1.0
         assert 0 < m["latency_ms_p50"] <= m["latency_ms_p95"]
         assert m["batch64_img_per_s"] > 0
-    assert models["fp32"]["acc"] == pytest.approx(result["torch"]["acc"])
+    # fp32 ONNX predicts what PyTorch predicts on every test image, so its scores are PyTorch's
+    assert models["fp32"]["acc"] == result["torch"]["acc"]
+    assert models["fp32"]["fidelity"] == result["torch"]["fidelity"]
+    for name in ("int8", "int8_dynamic"):
+        # a model that disagrees with fp32 on a fraction d of the images moves its accuracy and
+        # fidelity by at most d
+        d = 1 - models[name]["top1_agreement_with_fp32"]
+        assert abs(models[name]["acc"] - models["fp32"]["acc"]) <= d + 1e-9, name
+        assert abs(models[name]["fidelity"] - models["fp32"]["fidelity"]) <= d + 1e-9, name
     assert models["int8"]["bytes"] <= 0.30 * models["fp32"]["bytes"]
     assert models["int8"]["top1_agreement_with_fp32"] >= 0.9
     assert (
@@ -86,6 +94,25 @@ def test_export_of_a_trained_student(toy_runs):
     # Without --dynamic the dynamic model is not written (and an old one is removed).
     assert set(export_run(run, log=quiet)["models"]) == {"fp32", "int8"}
     assert not (run / "student.int8-dynamic.onnx").exists()
+
+
+def test_int8_of_a_student_that_learned_keeps_its_accuracy(learning_run, tmp_path):
+    """On the tiny MEKD run that learns (74.0% fp32 on 200 test images; see test_learning.py),
+    measured: fp32 ONNX = PyTorch on 100% of the images, static INT8 73.5% (agreeing with fp32
+    on 94%), dynamic INT8 74.0%. The bounds leave room for another CPU's rounding."""
+    import shutil
+
+    run = tmp_path / "learned"
+    shutil.copytree(learning_run["run"], run)
+    result = export_run(run, dynamic=True, log=quiet)
+    models = result["models"]
+    assert result["parity"]["top1_agreement"] >= 0.995
+    assert models["fp32"]["acc"] == result["torch"]["acc"]
+    # the run's report computed it in float32 on the same 200 images
+    assert result["torch"]["acc"] == pytest.approx(learning_run["report"]["student_acc"], abs=1e-6)
+    for name in ("int8", "int8_dynamic"):
+        assert abs(models[name]["acc"] - models["fp32"]["acc"]) <= 0.05, name  # 5 points
+        assert models[name]["top1_agreement_with_fp32"] >= 0.85, name
 
 
 def test_calibration_never_uses_private_images(toy_runs):

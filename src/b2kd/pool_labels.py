@@ -57,9 +57,9 @@ def thin_warning(summary: dict | None) -> str | None:
     listed = ", ".join(f"{c} ({summary['counts'][c]})" for c in summary["thin_classes"])
     what = "class" if len(summary["thin_classes"]) == 1 else "classes"
     return (
-        f"thin {what} in the paid pool: {listed} of {summary['answers']} answers (thin: under"
-        f" {summary['thin_below']:g}, {summary['thin_factor']:g} of a uniform share); the"
-        " student may rarely predict them, and val-agree on synthetic images will not show it"
+        f"thin {what} in the paid pool: {listed} of {summary['answers']} answers, under"
+        f" {summary['thin_below']:g} each ({summary['thin_factor']:g} x a uniform share); the"
+        " student may rarely predict them, and val-agree on the pool will not show it"
     )
 
 
@@ -80,7 +80,8 @@ def paid_answers(ledger_path: str | Path, kind: str, stage: str = "distill") -> 
             "SELECT response FROM queries WHERE kind = ? AND stage = ?", (kind, stage))]
     if not blobs or len({len(b) for b in blobs}) != 1:
         return None
-    return torch.from_numpy(np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), -1).copy())
+    values = np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(len(blobs), -1)
+    return torch.from_numpy(values.copy())
 
 
 def plot(summary: dict, path: str | Path) -> bool:
@@ -99,8 +100,10 @@ def plot(summary: dict, path: str | Path) -> bool:
     thin = set(summary["thin_classes"])
     fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * k + 1.5), 3.2))
     ax.bar(range(k), counts, color=["tab:red" if c in thin else "tab:blue" for c in range(k)])
-    ax.axhline(summary["answers"] / k, color="black", linestyle="--", linewidth=1, label="uniform share")
-    ax.axhline(summary["thin_below"], color="tab:red", linestyle=":", linewidth=1, label="thin below")
+    ax.axhline(summary["answers"] / k, color="black", linestyle="--", linewidth=1,
+               label="uniform share")
+    ax.axhline(summary["thin_below"], color="tab:red", linestyle=":", linewidth=1,
+               label="thin below")
     ax.set_xticks(range(k))
     ax.set_xlabel("teacher's top-1 class")
     ax.set_ylabel("paid images")
@@ -113,15 +116,15 @@ def plot(summary: dict, path: str | Path) -> bool:
 
 
 def markdown(summary: dict | None) -> list[str]:
-    """The report.md section: table, warning, plot (or why there is none), and the val-agree note."""
+    """The report.md section: table, warning, plot (or why there is none), val-agree note."""
     lines = ["", "## How the teacher labelled the paid pool", ""]
     if not summary:
         return [*lines, "No paid answers of this run's response kind in its ledger.", "",
                 NOT_TEST_ACCURACY]
     lines += [
-        f"The teacher's top-1 over the {summary['answers']} answers this run paid for (`ledger.sqlite`)."
-        f" A class is thin below {summary['thin_below']:g} answers ({summary['thin_factor']:g} of a"
-        " uniform share, `distill.thin_class_factor`).",
+        (f"The teacher's top-1 over the {summary['answers']} answers this run paid for"
+         f" (`ledger.sqlite`). A class is thin below {summary['thin_below']:g} answers"
+         f" ({summary['thin_factor']:g} of a uniform share, `distill.thin_class_factor`)."),
         "",
         "| class | answers | share | |",
         "|---|---|---|---|",
