@@ -18,9 +18,9 @@ from b2kd.checkpoint import load_classifier
 from b2kd.data import load_dataset
 from b2kd.evaluate import predict
 
-CHANCE = 0.10
+# chance is 0.10 (ten classes)
 TEACHER_AT_LEAST = 0.80  # measured 0.945
-STUDENT_AT_LEAST = 0.40  # measured 0.740; 4x chance
+STUDENT_AT_LEAST = 0.40  # measured 0.740; four times chance
 
 
 def test_teacher_beats_chance(learning_run):
@@ -30,7 +30,7 @@ def test_teacher_beats_chance(learning_run):
 
 def test_mekd_student_beats_chance_by_a_margin(learning_run):
     report = learning_run["report"]
-    assert report["student_acc"] >= STUDENT_AT_LEAST > 4 * CHANCE - 1e-9
+    assert report["student_acc"] >= STUDENT_AT_LEAST
     # the student agrees with the teacher at least as often as it is right, give or take the
     # teacher's own errors (5.5% of the test images)
     assert report["fidelity"] >= report["student_acc"] - (1 - report["teacher_acc"])
