@@ -87,12 +87,15 @@ def test_markdown_table_warning_and_the_val_agree_sentence():
 def test_paid_answers_reads_only_the_stage_and_kind_asked_for(tmp_path):
     images = torch.arange(6, dtype=torch.uint8).reshape(6, 1, 1, 1).expand(6, 1, 2, 2).contiguous()
     soft = torch.softmax(torch.randn(6, 4), 1)
+    hard = torch.nn.functional.one_hot(soft[:3].argmax(1), 4).float()
     path = tmp_path / "ledger.sqlite"
     with Ledger(path) as ledger:
-        ledger.record(image_hashes(images[:4]), images[:4], soft[:4], "soft", [4] * 4, [16] * 4, "distill")
-        ledger.record(image_hashes(images[4:]), images[4:], soft[4:], "soft", [4] * 2, [16] * 2, "fidelity")
-        hard = torch.nn.functional.one_hot(soft[:3].argmax(1), 4).float()
-        ledger.record(image_hashes(images[:3]), images[:3], hard, "hard", [4] * 3, [4] * 3, "distill")
+        for rows, answers, kind, stage in ((slice(0, 4), soft[:4], "soft", "distill"),
+                                           (slice(4, 6), soft[4:], "soft", "fidelity"),
+                                           (slice(0, 3), hard, "hard", "distill")):
+            n = len(answers)
+            ledger.record(image_hashes(images[rows]), images[rows], answers, kind, [4] * n,
+                          [16] * n, stage)
     got = paid_answers(path, "soft")
     assert got.shape == (4, 4)
     assert torch.equal(got.sort(0).values, soft[:4].sort(0).values)
@@ -140,3 +143,17 @@ def test_without_matplotlib_the_report_says_so_and_nothing_fails(tmp_path, monke
     text = (tmp_path / "report.md").read_text()
     assert "| 1 | 1 | 25.00% |  |" in text and "matplotlib is not installed" in text
     assert json.loads((tmp_path / "report.json").read_text())["pool_labels"] == summary
+
+
+def test_answers_reused_from_deprivatization_are_counted_and_named(tmp_path):
+    images = torch.arange(4, dtype=torch.uint8).reshape(4, 1, 1, 1)
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        ledger.record(image_hashes(images), images, one_hot_rows([4, 0]), "hard", [1] * 4, [4] * 4,
+                      "distill")
+    summary = run_summary(tmp_path, "hard", 0.25, extra=one_hot_rows([0, 2]))
+    assert summary["counts"] == [4, 2] and summary["answers"] == 6 and summary["extra_answers"] == 2
+    assert "(4 paid for by this run, `ledger.sqlite`; 2 reused from deprivatization)" in "\n".join(
+        markdown(summary))
+    (tmp_path / "no-ledger").mkdir()
+    only_reused = run_summary(tmp_path / "no-ledger", "hard", 0.25, extra=one_hot_rows([1, 1]))
+    assert only_reused["counts"] == [1, 1]

@@ -115,6 +115,12 @@ def plot(summary: dict, path: str | Path) -> bool:
     return True
 
 
+def _source(summary: dict) -> str:
+    extra = summary.get("extra_answers", 0)
+    own = "paid for by this run, `ledger.sqlite`"
+    return own if not extra else f"{summary['answers'] - extra} {own}; {extra} reused from deprivatization"
+
+
 def markdown(summary: dict | None) -> list[str]:
     """The report.md section: table, warning, plot (or why there is none), val-agree note."""
     lines = ["", "## How the teacher labelled the paid pool", ""]
@@ -122,8 +128,8 @@ def markdown(summary: dict | None) -> list[str]:
         return [*lines, "No paid answers of this run's response kind in its ledger.", "",
                 NOT_TEST_ACCURACY]
     lines += [
-        (f"The teacher's top-1 over the {summary['answers']} answers this run paid for"
-         f" (`ledger.sqlite`). A class is thin below {summary['thin_below']:g} answers"
+        (f"The teacher's top-1 over the {summary['answers']} answers in the pool"
+         f" ({_source(summary)}). A class is thin below {summary['thin_below']:g} answers"
          f" ({summary['thin_factor']:g} of a uniform share, `distill.thin_class_factor`)."),
         "",
         "| class | answers | share | |",
@@ -143,12 +149,20 @@ def markdown(summary: dict | None) -> list[str]:
     return [*lines, "", NOT_TEST_ACCURACY]
 
 
-def run_summary(run_dir: str | Path, kind: str, thin_factor: float) -> dict | None:
-    """The summary of a run directory's paid pool (None without paid answers); draws the plot."""
+def run_summary(run_dir: str | Path, kind: str, thin_factor: float,
+                extra: torch.Tensor | None = None) -> dict | None:
+    """The summary of a run directory's paid pool (None without paid answers); draws the plot.
+
+    ``extra``: answers in the pool that the run did not pay for itself (deprivatization's,
+    with ``distill.reuse_setup``), in the same API form; counted with the run's own.
+    """
     run_dir = Path(run_dir)
     responses = paid_answers(run_dir / "ledger.sqlite", kind)
+    if extra is not None and len(extra):
+        responses = extra.float() if responses is None else torch.cat([responses, extra.float()])
     if responses is None:
         return None
     summary = summarise(responses, thin_factor)
+    summary["extra_answers"] = 0 if extra is None else len(extra)
     summary["plot"] = PLOT_NAME if plot(summary, run_dir / PLOT_NAME) else None
     return summary
