@@ -77,7 +77,7 @@ def reference_loss(
     tau: float = 5.0,
     beta: float = 1.0,
 ) -> torch.Tensor:
-    """The reference's loss on ``images``: alignment + beta * tau^2 KL (see :func:`reference_terms`)."""
+    """The reference's loss on ``images``: alignment + beta * tau^2 KL (:func:`reference_terms`)."""
     align, match = reference_terms(student, generator, teacher, images, kind, tau_g, tau)
     return align + beta * match
 
