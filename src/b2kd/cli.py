@@ -66,8 +66,23 @@ def friendly(fn):
                 raise
             err.print(f"[red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
             raise typer.Exit(2) from None
+        except Exception as exc:  # under torchrun: another rank failed or stopped answering
+            from b2kd.distributed import peer_failure
+
+            message = peer_failure(exc)
+            if message is None or os.environ.get("B2KD_DEBUG"):
+                raise
+            err.print(f"[red]error:[/] {escape(message)}", markup=True, highlight=False)
+            raise typer.Exit(3) from None
 
     return wrapper
+
+
+def _other_rank() -> bool:
+    """Under torchrun, every rank but 0 ends quietly: rank 0 reports for the job."""
+    from b2kd import distributed
+
+    return not distributed.is_main()
 
 
 def _config(config: Path | None, options: dict, overrides: list[str] | None) -> Config:
@@ -110,6 +125,8 @@ def teacher_train(
     cfg = _config(config, {"out": out, "data.dataset": dataset, "teacher.arch": arch,
                            "teacher.epochs": epochs, "seed": seed, "device": device}, overrides)
     meta = run_teacher(cfg, cfg.out, log=console.print)
+    if _other_rank():
+        return
     console.print(f"teacher {meta['arch']} test accuracy {100 * meta['test_acc']:.2f}%"
                   f" -> {Path(cfg.out) / 'teacher.pt'}")
 
@@ -137,6 +154,8 @@ def deprivatize(
                            "deprivatize.max_queries": max_queries, "deprivatize.response": response,
                            "seed": seed, "device": device}, overrides)
     result = run_deprivatize(cfg, cfg.out, log=console.print)
+    if _other_rank():
+        return
     console.print(f"generator -> {result['generator']} (samples {result['samples']});"
                   f" {result['queries']} queries, private images sent {result['private_images_sent']}")
 
@@ -168,6 +187,8 @@ def distill(
                            "distill.budget": budget, "distill.student": student,
                            "distill.epochs": epochs, "seed": seed, "device": device}, overrides)
     summary = run_distill(cfg, cfg.out, log=console.print)
+    if _other_rank():
+        return
     if summary.get("train_img_per_s"):
         console.print(f"training throughput: {summary['train_img_per_s']:.1f} images/s")
     _print_result(run_evaluate(cfg.out, cfg))

@@ -206,6 +206,18 @@ class ServeConfig(_Section):
     auth_failures: int = Field(10, ge=1)  # failed authentications per address at once, then 1/s
 
 
+class DistributedConfig(_Section):
+    """Data-parallel training under torchrun (b2kd.distributed); a single process ignores it.
+
+    Batch sizes stay per process: the effective batch is ``batch_size x world size``."""
+
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: NCCL on CUDA, gloo on CPU
+    timeout_s: float = Field(1800.0, gt=0)  # longest wait of one collective (rank 0 paying included)
+    sync_batchnorm: bool = False  # BatchNorm statistics over the whole batch (CUDA only)
+    # learning rate for the effective batch: "linear" x world size, "sqrt" x its root, "none" as set
+    scale_lr: Literal["none", "linear", "sqrt"] = "none"
+
+
 class Config(_Section):
     seed: int = 0
     threads: int | None = None
@@ -216,6 +228,7 @@ class Config(_Section):
     deprivatize: DeprivatizeConfig = DeprivatizeConfig()
     distill: DistillConfig = DistillConfig()
     serve: ServeConfig = ServeConfig()
+    distributed: DistributedConfig = DistributedConfig()
 
 
 #: Secrets that stay out of the config.yaml written into run directories.

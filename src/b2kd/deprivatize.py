@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from b2kd import distributed
 from b2kd.blackbox import BlackBoxTeacher, to_probs
 from b2kd.checkpoint import atomic_save, read, save_generator
 from b2kd.config import DeprivatizeConfig
@@ -60,8 +61,15 @@ def deprivatize(
     device: torch.device,
     on_step=None,
     log=print,
+    parallel=None,
 ) -> dict:
-    """Train G and D on ``private`` (uint8, labels never seen); writes generator.pt and a sample grid."""
+    """Train G and D on ``private`` (uint8, labels never seen); writes generator.pt and a sample grid.
+
+    Under torchrun (``parallel``: the config's ``distributed`` section) G and D are trained
+    data-parallel on shards of each global batch; rank 0 alone queries, on its own fakes, and
+    its information-maximisation term is weighted by the world size so the ranks' average
+    gradient carries it as one process would.
+    """
     out = Path(out)
     channels, size, _ = teacher.image_shape
     if tuple(private.shape[1:]) != teacher.image_shape:
@@ -84,10 +92,14 @@ def deprivatize(
     best = {"score": float("-inf"), "epoch": -1, "state": None}
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    sync_bn = parallel is not None and parallel.sync_batchnorm
+    g_train, d_train = distributed.wrap(gen, device, sync_bn), distributed.wrap(disc, device, sync_bn)
     state_path = out / "checkpoints" / "gan_latest.pt"
     start_epoch = 0
-    if state_path.is_file():
+    state = distributed.checkpoint_from_rank0(state_path)  # under torchrun: rank 0's ({} if none)
+    if state is None and state_path.is_file():
         state = read(state_path, "gan_state")
+    if state:
         gen.load_state_dict(state["generator"])
         disc.load_state_dict(state["discriminator"])
         opt_g.load_state_dict(state["opt_g"])
@@ -99,46 +111,48 @@ def deprivatize(
         log(f"resuming deprivatization at epoch {start_epoch + 1}")
 
     real_all = private
-    steps_per_epoch = math.ceil(len(real_all) / cfg.batch_size)
+    batch = cfg.batch_size * distributed.world_size()  # the effective batch: per rank x world size
+    steps_per_epoch = math.ceil(len(real_all) / batch)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         rng = epoch_generator(seed, epoch)
         perm = torch.randperm(len(real_all), generator=rng)
+        own = distributed.rank_generator(rng, seed, epoch)  # this rank's noise: rng in one process
         sums = {"d": 0.0, "g": 0.0, "im": 0.0}
         answered = []  # this epoch's paid answers, as probabilities: the selection score's input
         gen.train()
         disc.train()
         for step in range(steps_per_epoch):
-            idx = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            idx, share = distributed.my_indices(perm[step * batch : (step + 1) * batch])
             real = _to_gan_range(real_all[idx]).to(device)
-            z = torch.randn(len(idx), teacher.num_classes, generator=rng).to(device)
-            fake = gen(z)
+            z = torch.randn(len(idx), teacher.num_classes, generator=own).to(device)
+            fake = g_train(z)
 
             if policies:
-                real = diff_augment(real, policies, rng)
-            seen = diff_augment(fake, policies, rng) if policies else fake
-            d_loss = gan_discriminator_loss(disc(real), disc(seen.detach()))
+                real = diff_augment(real, policies, own)
+            seen = diff_augment(fake, policies, own) if policies else fake
+            d_loss = gan_discriminator_loss(d_train(real), d_train(seen.detach()))
             opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
+            (d_loss if share == 1.0 else d_loss * share).backward()
             opt_d.step()
 
-            fake_logits = disc(diff_augment(fake, policies, rng) if policies else fake)
+            fake_logits = d_train(diff_augment(fake, policies, own) if policies else fake)
             g_loss = gan_generator_loss(fake_logits)
             global_step = epoch * steps_per_epoch + step
             m = min(cfg.query_batch, len(idx))
-            affordable = teacher.remaining is None or teacher.remaining >= m
+            affordable = distributed.is_main() and (teacher.remaining is None or teacher.remaining >= m)
             if global_step % cfg.query_every == 0 and affordable:
                 api = teacher.query(quantize_uint8(fake[:m].detach()).cpu())
                 probs = to_probs(api, teacher.kind)
                 answered.append(probs)
                 confidence = probs.max(1).values.to(device)
                 im = information_maximisation(fake_logits[:m], confidence)
-                g_loss = g_loss + cfg.alpha * im
-                sums["im"] += im.item()
+                g_loss = g_loss + cfg.alpha * distributed.world_size() * im
+                sums["im"] += im.item() * distributed.world_size()  # averaged over the ranks below
                 if on_step is not None:
                     on_step(teacher.spent)
             opt_g.zero_grad(set_to_none=True)
-            g_loss.backward()
+            (g_loss if share == 1.0 else g_loss * share).backward()
             opt_g.step()
             if ema is not None:
                 ema.update_parameters(gen)
@@ -151,6 +165,9 @@ def deprivatize(
             chosen = ema.module if ema is not None else gen
             best = {"score": score, "epoch": epoch,
                     "state": {k: v.detach().cpu().clone() for k, v in chosen.state_dict().items()}}
+        means = distributed.mean_over_ranks({k: v / steps_per_epoch for k, v in sums.items()})
+        if not distributed.is_main():  # rank 0 writes the state and the metrics
+            continue
         atomic_save(
             {
                 "kind": "gan_state",
@@ -164,13 +181,15 @@ def deprivatize(
             },
             state_path,
         )
-        record = {"epoch": epoch, **{k: v / steps_per_epoch for k, v in sums.items()},
+        record = {"epoch": epoch, **means,
                   "queries": teacher.spent, "score": score, "seconds": time.perf_counter() - t0}
         with open(out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
         log(f"deprivatize epoch {epoch + 1}/{cfg.epochs}: D {record['d']:.3f} G {record['g']:.3f}"
             f" queries {teacher.spent} ({record['seconds']:.0f}s)")
 
+    if not distributed.is_main():
+        return {"role": "generator", "epochs": cfg.epochs}
     selected_epoch = cfg.epochs - 1
     if ema is not None:
         gen = ema.module

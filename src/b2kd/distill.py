@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from b2kd import distributed
 from b2kd.blackbox import BlackBoxTeacher, top1
 from b2kd.config import Config
 from b2kd.data import Augment
@@ -33,11 +34,12 @@ def split_pool(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, to
 
 
 def train_step(method, student: torch.nn.Module, optimizer, images: torch.Tensor, idx: torch.Tensor,
-               grad_clip: float | None = None, extra=None):
+               grad_clip: float | None = None, extra=None, weight: float = 1.0):
     """One optimisation step of the student on a batch of paid images; returns the loss and its parts.
 
     ``grad_clip`` caps the global gradient norm (None: no cap). ``extra()`` adds a term that
     needs no paid answer (the unlabelled private images' consistency loss), with its parts.
+    ``weight`` scales the loss that is differentiated (a rank's share of a data-parallel batch).
     """
     loss, parts = method.loss(student, images, idx)
     if extra is not None:
@@ -45,7 +47,7 @@ def train_step(method, student: torch.nn.Module, optimizer, images: torch.Tensor
         loss = loss + more
         parts = {**parts, **more_parts}
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss if weight == 1.0 else loss * weight).backward()
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
     optimizer.step()
@@ -108,7 +110,8 @@ def distill(
         local_model=local_model if method.white_box else None,
         setup=setup if method.source == "generator" else None,
     )
-    images, responses = method.acquire(acq)
+    # under torchrun rank 0 alone pays, and every rank receives the pool (b2kd.distributed)
+    images, responses = distributed.from_rank0(lambda: method.acquire(acq))
     if fitted:
         student = new_student()  # the final student starts from the same weights whatever came before
     teacher_top1 = top1(responses)
@@ -117,8 +120,11 @@ def distill(
     images = images.to(device)
     teacher_top1 = teacher_top1.to(device)
 
-    optimizer = make_optimizer(student, d.lr, d.momentum, d.weight_decay)
-    steps_per_epoch = math.ceil(len(train_idx) / d.batch_size)
+    trainee = distributed.wrap(student, device, cfg.distributed.sync_batchnorm)  # DDP under torchrun
+    batch = d.batch_size * distributed.world_size()  # the effective batch: per rank x world size
+    optimizer = make_optimizer(student, distributed.scaled_lr(d.lr, cfg.distributed.scale_lr), d.momentum,
+                               d.weight_decay)
+    steps_per_epoch = math.ceil(len(train_idx) / batch)
     # distill.steps fixes the training length whatever the pool's size (budget sweeps compare
     # methods at equal compute); the schedule then spans ceil(steps / steps per epoch) epochs
     total_steps = d.steps if d.steps is not None else d.epochs * steps_per_epoch
@@ -133,7 +139,7 @@ def distill(
     select = d.select if len(val_idx) else "last"
     meta = {"role": "student", "method": d.method, "response": str(teacher.kind), "arch": d.student}
     engine = Engine(out, student, optimizer, scheduler, epochs, cfg.seed, select=select, meta=meta,
-                    schedule_per="step")
+                    schedule_per="step", writes=distributed.is_main())
     local = None
     if d.local_unlabelled:
         if unlabelled is None:
@@ -141,7 +147,7 @@ def distill(
         local = LocalUnlabelled(unlabelled, max(1, round(d.batch_size * d.unlabelled_ratio)),
                                 d.unlabelled_threshold, d.unlabelled_weight, augment, StrongAugment(),
                                 device)
-    if engine.resume():
+    if engine.resume(distributed.checkpoint_from_rank0(engine.latest_path)):
         log(f"resuming distillation at epoch {engine.start_epoch + 1}/{epochs}")
     timing = {"images": 0, "seconds": 0.0}
 
@@ -151,18 +157,20 @@ def distill(
         steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
         start = time.perf_counter()
         for step in range(steps):
-            idx = order[step * d.batch_size : (step + 1) * d.batch_size].to(device)
+            idx = order[step * batch : (step + 1) * batch].to(device)
             extra = None if local is None else (lambda: local.loss(student, rng))
-            loss, parts = train_step(method, student, optimizer, augment(images[idx], generator=rng), idx,
-                                     d.grad_clip, extra)
+            # every rank augments the whole batch (the same draws as one process) and trains on its part
+            idx, x, weight = distributed.my_part(idx, augment(images[idx], generator=rng))
+            loss, parts = train_step(method, trainee, optimizer, x, idx, d.grad_clip, extra, weight)
             scheduler.step()
             for key, value in {"loss": loss.item(), **parts}.items():
                 totals[key] = totals.get(key, 0.0) + value
         seconds = time.perf_counter() - start
-        n_images = min(steps * d.batch_size, len(order))
+        n_images = min(steps * batch, len(order))
         timing["images"] += n_images
         timing["seconds"] += seconds
-        return {**{k: v / max(steps, 1) for k, v in totals.items()}, "img_per_s": n_images / seconds}
+        return distributed.mean_over_ranks(
+            {**{k: v / max(steps, 1) for k, v in totals.items()}, "img_per_s": n_images / seconds})
 
     @torch.no_grad()
     def validate() -> float:

@@ -75,6 +75,7 @@ class Engine:
         select: str = "val",
         meta: dict | None = None,
         schedule_per: str = "epoch",
+        writes: bool = True,
     ):
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -87,6 +88,8 @@ class Engine:
         self.meta = meta or {}
         # "step": the caller steps the scheduler after each optimisation step
         self.schedule_per = schedule_per
+        # False on the ranks of a torchrun job but rank 0: they train, rank 0 writes
+        self.writes = writes
         self.start_epoch = 0
         self.best_metric = float("-inf")
         self.best_epoch = -1
@@ -100,11 +103,17 @@ class Engine:
     def best_path(self) -> Path:
         return self.ckpt_dir / "best.pt"
 
-    def resume(self) -> bool:
-        """Load ``latest.pt`` if present; returns whether training resumes."""
-        if not self.latest_path.is_file():
+    def resume(self, ckpt: dict | None = None) -> bool:
+        """Load ``latest.pt`` if present; returns whether training resumes.
+
+        ``ckpt``: that checkpoint as rank 0 of a torchrun job read it (``{}``: it has none).
+        """
+        if ckpt is None:
+            if not self.latest_path.is_file():
+                return False
+            ckpt = read(self.latest_path, "classifier")
+        if not ckpt:
             return False
-        ckpt = read(self.latest_path, "classifier")
         state = ckpt["train_state"]
         self.model.load_state_dict(ckpt["state_dict"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -114,6 +123,8 @@ class Engine:
         self.best_epoch = state["best_epoch"]
         self.history = state["history"]
         # metrics.jsonl may miss the last epoch if the process died after the checkpoint
+        if not self.writes:
+            return True
         with open(self.run_dir / "metrics.jsonl", "w") as fh:
             fh.writelines(json.dumps(record) + "\n" for record in self.history)
         return True
@@ -155,11 +166,13 @@ class Engine:
             metric = record.get("val", 0.0) if self.select == "val" else float(epoch)
             if self.select == "last" or validate is None or metric > self.best_metric:
                 self.best_metric, self.best_epoch = metric, epoch
-                save_classifier(self.model, self.best_path, **self.meta, epoch=epoch)
+                if self.writes:
+                    save_classifier(self.model, self.best_path, **self.meta, epoch=epoch)
             self.history.append(record)
-            self._save_latest(epoch)
-            with open(self.run_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            if self.writes:
+                self._save_latest(epoch)
+                with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
             if on_epoch is not None:
                 on_epoch(record)
         self.model.eval()

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Self
 
 import torch
 
-from b2kd import __version__
+from b2kd import __version__, distributed
 from b2kd.blackbox import BlackBoxTeacher, Ledger, LocalBackend, ResponseKind
 from b2kd.blackbox.shared import SharedCache
 from b2kd.checkpoint import CheckpointError, load_classifier, load_generator
@@ -25,12 +26,36 @@ from b2kd.runtime import hardware, setup
 
 
 def prepare_run(cfg: Config, out: str | Path) -> tuple[Path, torch.device]:
-    """Seed, set threads and device, create the run directory and record the config."""
-    device = setup(cfg.seed, cfg.threads, cfg.device)
+    """Seed, set threads and device, create the run directory and record the config.
+
+    Under torchrun this process joins the job (b2kd.distributed) and only rank 0 writes.
+    """
+    device = distributed.init(cfg.distributed, setup(cfg.seed, cfg.threads, cfg.device))
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     return out, device
+
+
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
+def _progress(label: str, budget: int | None, spent: int):
+    """The query bar on rank 0 (the one that pays); none on the other ranks."""
+    return QueryProgress(label, budget, spent) if distributed.is_main() else _NoBar()
+
+
+class _NoBar:
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def update(self, spent: int) -> None:
+        pass
 
 
 def teacher_checkpoint(cfg: Config) -> Path:
@@ -110,8 +135,9 @@ def run_teacher(cfg: Config, out: str | Path, log=print) -> dict:
     from b2kd.teacher_train import train_teacher
 
     out, device = prepare_run(cfg, out)
-    meta = train_teacher(cfg, out, device, log)
-    (out / "report.json").write_text(json.dumps(meta, indent=2))
+    meta = train_teacher(cfg, out, device, log if distributed.is_main() else _quiet)
+    if distributed.is_main():
+        (out / "report.json").write_text(json.dumps(meta, indent=2))
     return meta
 
 
@@ -120,10 +146,15 @@ def run_deprivatize(cfg: Config, out: str | Path, log=print) -> dict:
 
     out, device = prepare_run(cfg, out)
     private = edge_private_images(cfg)
-    teacher = open_teacher(cfg, out, cfg.deprivatize.response, cfg.deprivatize.max_queries, "deprivatize")
+    teacher = distributed.teacher_on_rank0(
+        lambda: open_teacher(cfg, out, cfg.deprivatize.response, cfg.deprivatize.max_queries, "deprivatize"),
+        cfg.deprivatize.max_queries)
     start = time.perf_counter()
-    with QueryProgress("deprivatize queries", cfg.deprivatize.max_queries, teacher.spent) as bar:
-        result = deprivatize(cfg.deprivatize, private, teacher, out, cfg.seed, device, bar.update, log)
+    with _progress("deprivatize queries", cfg.deprivatize.max_queries, teacher.spent) as bar:
+        result = deprivatize(cfg.deprivatize, private, teacher, out, cfg.seed, device, bar.update,
+                             log if distributed.is_main() else _quiet, parallel=cfg.distributed)
+    if not distributed.is_main():  # rank 0 reports for the whole job
+        return result
     result.update(teacher.ledger.totals())
     result["private_images_sent"] = teacher.ledger.private_images_sent(private)
     result["seconds"] = time.perf_counter() - start
@@ -138,6 +169,9 @@ def run_distill(cfg: Config, out: str | Path, log=print) -> dict:
     out, device = prepare_run(cfg, out)
     d = cfg.distill
     method = get_method(d.method)
+    distributed.check_supported(cfg, method)
+    if not distributed.is_main():
+        log = _quiet
     if method.white_box and cfg.teacher.url:
         raise ConfigError(f"method '{d.method}' is white-box (it reads the teacher's weights and"
                           " gradients) and cannot run against a remote teacher; drop teacher.url")
@@ -149,9 +183,10 @@ def run_distill(cfg: Config, out: str | Path, log=print) -> dict:
             raise ConfigError("no generator given: pass --generator PATH (or set deprivatize.generator)")
         generator, _ = load_generator(cfg.deprivatize.generator)
         generator.to(device)
-    teacher = open_teacher(cfg, out, d.response, d.budget, "distill")
+    teacher = distributed.teacher_on_rank0(lambda: open_teacher(cfg, out, d.response, d.budget, "distill"),
+                                           d.budget)
     setup = None
-    if generator is not None and d.reuse_setup:
+    if generator is not None and d.reuse_setup and distributed.is_main():  # rank 0 makes the pool
         from b2kd.pool import setup_answers
 
         gan_dir = Path(cfg.deprivatize.generator).parent
@@ -170,17 +205,18 @@ def run_distill(cfg: Config, out: str | Path, log=print) -> dict:
             f" but the teacher takes {teacher.image_shape}"
         )
     local_model = None
-    if method.white_box:
+    if method.white_box and distributed.is_main():
         local_model = teacher.backend.model.to(device)
     start = time.perf_counter()
-    with QueryProgress(f"{d.method}/{d.response} queries", d.budget, teacher.spent) as bar:
+    with _progress(f"{d.method}/{d.response} queries", d.budget, teacher.spent) as bar:
         summary = distill(cfg, teacher, generator, out, device, bar.update, log,
                           private=private if method.source == "local" else None,
                           local_model=local_model, unlabelled=private if d.local_unlabelled else None,
                           setup=setup)
     summary["seconds"] = time.perf_counter() - start
     teacher.ledger.close()
-    (out / "distill.json").write_text(json.dumps(summary, indent=2))
+    if distributed.is_main():
+        (out / "distill.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from b2kd import distributed
 from b2kd.checkpoint import save_classifier
 from b2kd.config import Config
 from b2kd.data import Augment, load_dataset
@@ -33,7 +34,10 @@ def train_teacher(cfg: Config, out: str | Path, device: torch.device, log=print)
     test = load_dataset(d.dataset, "test", d.root, d.image_size, d.channels)
     torch.manual_seed(cfg.seed)
     model = build_model(t.arch, train.num_classes, d.channels, d.image_size).to(device)
-    optimizer = make_optimizer(model, t.lr, t.momentum, t.weight_decay)
+    trainee = distributed.wrap(model, device, cfg.distributed.sync_batchnorm)  # DDP under torchrun
+    batch = t.batch_size * distributed.world_size()  # the effective batch: per rank x world size
+    optimizer = make_optimizer(model, distributed.scaled_lr(t.lr, cfg.distributed.scale_lr), t.momentum,
+                               t.weight_decay)
     scheduler = make_scheduler(optimizer, "cosine", t.epochs, [])
     meta = {
         "role": "teacher",
@@ -44,26 +48,30 @@ def train_teacher(cfg: Config, out: str | Path, device: torch.device, log=print)
         "trained_with": trained_with(cfg),
         "normalisation": {"mean": model.mean.flatten().tolist(), "std": model.std.flatten().tolist()},
     }
-    engine = Engine(out, model, optimizer, scheduler, t.epochs, cfg.seed, select="last", meta=meta)
-    engine.resume()
+    engine = Engine(out, model, optimizer, scheduler, t.epochs, cfg.seed, select="last", meta=meta,
+                    writes=distributed.is_main())
+    engine.resume(distributed.checkpoint_from_rank0(engine.latest_path))
     augment = Augment(crop_padding=t.crop_padding)
     images, labels = train.images, train.labels
 
     def train_epoch(epoch: int, gen: torch.Generator) -> dict:
         perm = torch.randperm(len(images), generator=gen)
         total, n = 0.0, 0
-        for i in range(0, len(perm), t.batch_size):
-            idx = perm[i : i + t.batch_size]
-            x = augment(images[idx], generator=gen).to(device)
-            loss = F.cross_entropy(model(x), labels[idx].to(device))
+        for i in range(0, len(perm), batch):
+            idx = perm[i : i + batch]
+            # under torchrun each rank trains on its part of the batch (b2kd.distributed)
+            idx, x, weight = distributed.my_part(idx, augment(images[idx], generator=gen))
+            loss = F.cross_entropy(trainee(x.to(device)), labels[idx].to(device))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if weight == 1.0 else loss * weight).backward()
             optimizer.step()
             total, n = total + loss.item() * len(idx), n + len(idx)
-        return {"loss": total / n}
+        return distributed.mean_over_ranks({"loss": total / n})
 
     engine.run(train_epoch, on_epoch=lambda r: log(f"teacher epoch {r['epoch'] + 1}/{t.epochs}"
                                                    f" loss {r['loss']:.4f} ({r['seconds']:.0f}s)"))
+    if not distributed.is_main():  # rank 0 evaluates and writes the teacher
+        return meta
     result = evaluate(model, test.images, test.labels, test.num_classes)
     meta.update(test_acc=result["acc"], per_class_acc=result["per_class_acc"], epochs=t.epochs,
                 arch=t.arch)

@@ -33,6 +33,7 @@ class AL(Method):
     name = "al"
     source = "local"
     needs_soft = True
+    data_parallel = False  # its logit discriminator is trained per process (b2kd.distributed)
 
     @torch.no_grad()
     def prepare(self, responses: torch.Tensor, device: torch.device) -> None:
