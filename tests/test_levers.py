@@ -166,3 +166,13 @@ def test_balanced_pool_spends_the_budget_once(toy_runs, tmp_path):
     with Ledger(tmp_path / "balanced" / "ledger.sqlite") as ledger:
         assert ledger.count() == cfg.distill.budget
     assert again["queries"] == cfg.distill.budget
+
+
+def test_ema_average_warms_up():
+    from b2kd.deprivatize import ema_average
+
+    avg = ema_average(0.999)
+    # after n = 0 updates the decay is 1/10: mostly the current weights
+    assert avg(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(0)).item() == pytest.approx(0.9)
+    # late in training the decay is capped at 0.999
+    assert avg(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(100_000)).item() == pytest.approx(0.001)

@@ -46,6 +46,18 @@ def dcgan_init(module: torch.nn.Module) -> None:
             torch.nn.init.zeros_(m.bias)
 
 
+def ema_average(decay: float):
+    """The update of an exponential moving average whose decay warms up as min(decay, (1 + n) /
+    (10 + n)) after n updates: with a fixed 0.999 a 1,400-step run would still hold a quarter of
+    the random initial weights (measured: near-black samples)."""
+
+    def average(averaged: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
+        return averaged * d + current * (1.0 - d)
+
+    return average
+
+
 def planned_queries(cfg: DeprivatizeConfig, num_private: int) -> int:
     """Queries the schedule would make over the whole run, before the budget cap."""
     steps = cfg.epochs * math.ceil(num_private / cfg.batch_size)
@@ -85,9 +97,9 @@ def deprivatize(
     # an exponential moving average of G's weights (and BatchNorm statistics): torch's own
     ema = None
     if cfg.ema is not None:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        from torch.optim.swa_utils import AveragedModel
 
-        ema = AveragedModel(gen, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+        ema = AveragedModel(gen, avg_fn=ema_average(cfg.ema), use_buffers=True)
     policies = tuple(cfg.diffaugment)
     best = {"score": float("-inf"), "epoch": -1, "state": None}
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
