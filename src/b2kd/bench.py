@@ -108,14 +108,11 @@ def _cell_name(spec: MethodSpec, response: str, budget: int, seed: int) -> str:
     return f"{spec.name}-{response.replace(':', '')}-{budget}-s{seed}"
 
 
-def run_bench(path: str | Path, out: str | Path | None = None, log=print) -> tuple[Path, list[dict]]:
-    """Run (or finish) every cell of the bench file; returns the bench directory and its rows
-    (also written to results.csv and results.json there)."""
-    from b2kd.pipeline import run_deprivatize, run_distill, run_evaluate, run_teacher
-    from b2kd.runtime import hardware
-
+def prepare_bench(path: str | Path, out: str | Path | None, log=print, train_teacher=None):
+    """The validated bench, its base config path, its directory and its teacher checkpoint
+    (trained into OUT/teacher first when none is given: by ``train_teacher(cfg, dir)`` if set)."""
     bench, base = load_bench(path)
-    out = Path(out or bench.out)
+    out = Path(out or bench.out).resolve()  # absolute: cells may run in other processes
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.yaml").write_text(yaml.safe_dump(bench.model_dump(), sort_keys=False))
     base_cfg = cell_config(bench, base, bench.gaps[0], bench.methods[0], bench.methods[0].responses[0],
@@ -125,68 +122,117 @@ def run_bench(path: str | Path, out: str | Path | None = None, log=print) -> tup
     if not teacher:
         teacher = str(out / "teacher" / "teacher.pt")
         if not Path(teacher).is_file():
+            from b2kd.pipeline import run_teacher
+
             log("training the teacher once for every cell")
-            run_teacher(base_cfg, out / "teacher", log=lambda *_: None)
+            (train_teacher or (lambda cfg, d: run_teacher(cfg, d, log=lambda *_: None)))(base_cfg, out / "teacher")
     if not Path(teacher).is_file():
         raise ConfigError(f"teacher checkpoint not found: {teacher}")
+    return bench, base, out, str(Path(teacher).resolve())
 
+
+def uses_generator(bench: BenchConfig) -> bool:
+    return any(get_method(s.name).source == "generator" for s in bench.methods)
+
+
+def gan_dir(out: Path, gap: GapSpec, seed: int) -> Path:
+    return out / "shared" / gap.name / f"gan-s{seed}"
+
+
+def shared_ledger(out: Path, gap: GapSpec, seed: int) -> str:
+    return str(out / "shared" / gap.name / f"paid-s{seed}.sqlite")
+
+
+def plan(bench: BenchConfig, out: Path, gap: GapSpec, seed: int):
+    """The cells of one gap and seed in the bench's order: (spec, response, budget, cell dir, row)."""
+    from b2kd.runtime import hardware
+
+    for spec in bench.methods:
+        method = get_method(spec.name)
+        for response in spec.responses:
+            for budget in sorted(bench.budgets):
+                cell = out / "cells" / gap.name / _cell_name(spec, response, budget, seed)
+                row = {"gap": gap.name, "method": spec.name, "white_box": method.white_box,
+                       "response": response, "budget": budget, "seed": seed, "hardware": hardware()}
+                yield spec, response, budget, cell, row
+
+
+def run_cell(bench: BenchConfig, base: Path, gap: GapSpec, spec: MethodSpec, response: str, budget: int,
+             seed: int, teacher: str, generator: str | None, setup_queries: int, cell: Path, row: dict,
+             log=print) -> dict:
+    """Distil and evaluate one cell; its row (also written to ``cell/result.json`` when it
+    succeeds). A failure is recorded in the row and ``cell/error.txt``, never raised."""
+    from b2kd.pipeline import run_distill, run_evaluate
+    from b2kd.runtime import hardware
+
+    out = cell.parents[2]
+    row = {**row, "hardware": hardware()}
+    uses_gan = get_method(spec.name).source == "generator"
+    start = time.perf_counter()
+    try:
+        cfg = cell_config(bench, base, gap, spec, response, budget, seed, teacher,
+                          generator if uses_gan else None, shared_ledger(out, gap, seed))
+        summary = run_distill(cfg, cell, log=lambda *_: None)
+        report = run_evaluate(cell, cfg)
+    except Exception as error:  # noqa: BLE001 - a failed cell must not stop the rest
+        message = f"{type(error).__name__}: {error}"
+        log(f"FAILED {gap.name}/{cell.name}: {message}")
+        (cell / "error.txt").parent.mkdir(parents=True, exist_ok=True)
+        (cell / "error.txt").write_text(traceback.format_exc())
+        return {**row, "status": "failed", "error": message}
+    row.update(
+        status="ok", teacher_acc=report["teacher_acc"], student_acc=report["student_acc"],
+        student_acc_last=report["latest"]["acc"], dev_acc=report.get("dev_acc"),
+        fidelity=report["fidelity"],
+        queries=summary["queries"], bytes_sent=summary["bytes_sent"],
+        bytes_received=summary["bytes_received"],
+        setup_queries=setup_queries if uses_gan else 0,
+        seconds=time.perf_counter() - start, error="",
+    )
+    (cell / "result.json").write_text(json.dumps(row, indent=2))
+    log(f"{gap.name}/{cell.name}: acc {row['student_acc']:.4f}"
+        f" fidelity {row['fidelity'] if row['fidelity'] is not None else float('nan'):.4f}"
+        f" queries {row['queries']} ({row['seconds']:.0f}s)")
+    return row
+
+
+def generator_of(bench, base, gap, seed, teacher, out: Path, log=print) -> tuple[str | None, int, str | None]:
+    """(generator path, setup queries, error) of one gap and seed: trained once, shared by its cells."""
+    from b2kd.pipeline import run_deprivatize
+
+    if not uses_generator(bench):
+        return None, 0, None
+    try:
+        generator, setup_queries = _generator(bench, base, gap, seed, teacher, gan_dir(out, gap, seed), log,
+                                              run_deprivatize)
+    except Exception as error:  # noqa: BLE001 - reported per cell, the bench goes on
+        message = f"deprivatize failed: {type(error).__name__}: {error}"
+        log(message)
+        return None, 0, message
+    return generator, setup_queries, None
+
+
+def run_bench(path: str | Path, out: str | Path | None = None, log=print) -> tuple[Path, list[dict]]:
+    """Run (or finish) every cell of the bench file; returns the bench directory and its rows
+    (also written to results.csv and results.json there)."""
+    bench, base, out, teacher = prepare_bench(path, out, log)
     rows: list[dict] = []
     for gap in bench.gaps:
         for seed in bench.seeds:
-            shared = str(out / "shared" / gap.name / f"paid-s{seed}.sqlite")
-            generator, setup_queries, gan_error = None, 0, None
-            if any(get_method(s.name).source == "generator" for s in bench.methods):
-                gan_dir = out / "shared" / gap.name / f"gan-s{seed}"
-                try:
-                    generator, setup_queries = _generator(bench, base, gap, seed, teacher, gan_dir, log,
-                                                          run_deprivatize)
-                except Exception as error:  # noqa: BLE001 - reported per cell, the bench goes on
-                    gan_error = f"deprivatize failed: {type(error).__name__}: {error}"
-                    log(gan_error)
-            for spec in bench.methods:
-                method = get_method(spec.name)
-                for response in spec.responses:
-                    for budget in sorted(bench.budgets):
-                        cell = out / "cells" / gap.name / _cell_name(spec, response, budget, seed)
-                        row = {"gap": gap.name, "method": spec.name, "white_box": method.white_box,
-                               "response": response, "budget": budget, "seed": seed,
-                               "hardware": hardware()}
-                        done = cell / "result.json"
-                        if done.is_file():
-                            rows.append(json.loads(done.read_text()))
-                            continue
-                        uses_gan = method.source == "generator"
-                        if uses_gan and gan_error:
-                            rows.append({**row, "status": "failed", "error": gan_error})
-                            continue
-                        start = time.perf_counter()
-                        try:
-                            cfg = cell_config(bench, base, gap, spec, response, budget, seed, teacher,
-                                              generator if uses_gan else None, shared)
-                            summary = run_distill(cfg, cell, log=lambda *_: None)
-                            report = run_evaluate(cell, cfg)
-                        except Exception as error:  # noqa: BLE001 - a failed cell must not stop the rest
-                            message = f"{type(error).__name__}: {error}"
-                            log(f"FAILED {gap.name}/{cell.name}: {message}")
-                            (cell / "error.txt").parent.mkdir(parents=True, exist_ok=True)
-                            (cell / "error.txt").write_text(traceback.format_exc())
-                            rows.append({**row, "status": "failed", "error": message})
-                            continue
-                        row.update(
-                            status="ok", teacher_acc=report["teacher_acc"], student_acc=report["student_acc"],
-                            student_acc_last=report["latest"]["acc"], dev_acc=report.get("dev_acc"),
-                            fidelity=report["fidelity"],
-                            queries=summary["queries"], bytes_sent=summary["bytes_sent"],
-                            bytes_received=summary["bytes_received"],
-                            setup_queries=setup_queries if uses_gan else 0,
-                            seconds=time.perf_counter() - start, error="",
-                        )
-                        done.write_text(json.dumps(row, indent=2))
-                        rows.append(row)
-                        log(f"{gap.name}/{cell.name}: acc {row['student_acc']:.4f}"
-                            f" fidelity {row['fidelity'] if row['fidelity'] is not None else float('nan'):.4f}"
-                            f" queries {row['queries']} ({row['seconds']:.0f}s)")
-                        write_results(out, rows)
+            generator, setup_queries, gan_error = generator_of(bench, base, gap, seed, teacher, out, log)
+            for spec, response, budget, cell, row in plan(bench, out, gap, seed):
+                done = cell / "result.json"
+                if done.is_file():
+                    rows.append(json.loads(done.read_text()))
+                    continue
+                if get_method(spec.name).source == "generator" and gan_error:
+                    rows.append({**row, "status": "failed", "error": gan_error})
+                    continue
+                row = run_cell(bench, base, gap, spec, response, budget, seed, teacher, generator,
+                               setup_queries, cell, row, log)
+                rows.append(row)
+                if row["status"] == "ok":
+                    write_results(out, rows)
     write_results(out, rows)
     return out, rows
 

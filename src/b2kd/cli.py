@@ -293,12 +293,21 @@ def audit_cmd(
 def bench(
     bench_file: Annotated[Path, typer.Argument(help="a bench YAML file (configs/bench-*.yaml)")],
     out: Annotated[Path | None, typer.Option(help="bench directory [the file's out]")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="run the cells as Ray tasks (pip install 'b2kd[cluster]');"
+                                      " a local Ray unless --ray-address or RAY_ADDRESS")] = False,
+    ray_address: Annotated[str | None, typer.Option(
+        help="with --ray: a running cluster, e.g. auto or ray://HEAD:10001")] = None,
 ):
     """Run a matrix of methods x responses x budgets x seeds (x gaps); finished cells are kept."""
     from b2kd.bench import run_bench
     from b2kd.bench_report import render_report
 
-    bench_dir, rows = run_bench(bench_file, out, log=console.print)
+    if ray or ray_address:
+        from b2kd.bench_ray import run_bench_ray
+
+        bench_dir, rows = run_bench_ray(bench_file, out, ray_address, log=console.print)
+    else:
+        bench_dir, rows = run_bench(bench_file, out, log=console.print)
     failed = [r for r in rows if r.get("status") != "ok"]
     report = render_report(bench_dir)
     console.print(f"{len(rows) - len(failed)} cells done, {len(failed)} failed; results in"

@@ -6,20 +6,29 @@ teacher and recorded there. Each run still records every response it uses in
 its own ledger, with the bytes the original query cost, so a run's own
 accounting (queries, budget, MB) is what it would have paid alone, while the
 shared ledger holds what was actually paid for the whole sweep.
+
+Several runs may use one shared ledger at the same time (``b2kd bench --ray`` runs
+cells in parallel, on several processes or machines): looking an image up, paying
+for it and recording it happen under one file lock beside the ledger, so an image
+is paid once whichever run asks first, and the others read its answer.
 """
 
 from __future__ import annotations
 
 import torch
+from filelock import FileLock, Timeout
 
-from b2kd.blackbox.base import Backend, BackendAnswer
+from b2kd.blackbox.base import Backend, BackendAnswer, TeacherUnavailable
 from b2kd.blackbox.ledger import Ledger, image_hashes
 
 
 class SharedCache:
-    def __init__(self, backend: Backend, ledger: Ledger, stage: str = "shared"):
+    def __init__(self, backend: Backend, ledger: Ledger, stage: str = "shared",
+                 lock_timeout_s: float = 3600.0):
         self.backend = backend
         self.ledger = ledger
+        # held while one run pays: a wait past the timeout means a run is stuck, not busy
+        self._lock = FileLock(f"{ledger.path}.lock", timeout=lock_timeout_s)
         self.stage = stage
         self.kind = backend.kind
         self.num_classes = backend.num_classes
@@ -32,15 +41,21 @@ class SharedCache:
     def infer(self, images: torch.Tensor) -> BackendAnswer:
         hashes = image_hashes(images)
         kind = str(self.kind)
-        known = self.ledger.lookup_rows(hashes, kind)
-        new = [i for i, h in enumerate(hashes) if h not in known]
-        if new:
-            answer = self.backend.infer(images[new])
-            new_hashes = [hashes[i] for i in new]
-            self.ledger.record(new_hashes, images[new], answer.responses, kind, answer.bytes_sent,
-                               answer.bytes_received, self.stage)
-            for j, h in enumerate(new_hashes):
-                known[h] = (answer.responses[j].float().cpu(), answer.bytes_sent[j], answer.bytes_received[j])
+        try:
+            with self._lock:  # another run may be paying for the same images right now
+                known = self.ledger.lookup_rows(hashes, kind)
+                new = [i for i, h in enumerate(hashes) if h not in known]
+                if new:
+                    answer = self.backend.infer(images[new])
+                    new_hashes = [hashes[i] for i in new]
+                    self.ledger.record(new_hashes, images[new], answer.responses, kind, answer.bytes_sent,
+                                       answer.bytes_received, self.stage)
+                    for j, h in enumerate(new_hashes):
+                        known[h] = (answer.responses[j].float().cpu(), answer.bytes_sent[j],
+                                    answer.bytes_received[j])
+        except Timeout:
+            raise TeacherUnavailable(f"the shared ledger {self.ledger.path} stayed locked by another run for"
+                                     f" {self._lock.timeout:.0f} s; is a run stuck?") from None
         rows = [known[h] for h in hashes]
         return BackendAnswer(
             responses=torch.stack([r for r, _, _ in rows]),
