@@ -221,3 +221,44 @@ def test_two_process_teacher_training_equals_one_process(jobs):
         torch.testing.assert_close(a["state_dict"][name], b["state_dict"][name], atol=0.05, rtol=0, msg=name)
     assert b["meta"]["test_acc"] > 0.5  # a teacher worth distilling
     assert abs(a["meta"]["test_acc"] - b["meta"]["test_acc"]) <= 0.01  # 2 of the 200 test images
+
+
+# --- the sharding arithmetic, with the world size and rank faked (no process group) -------------
+
+
+@pytest.mark.parametrize("batch", [32, 30, 7, 1])
+def test_the_ranks_parts_of_a_batch_cover_it_once_and_weight_to_its_mean_loss(monkeypatch, batch):
+    from b2kd import distributed
+
+    world = 4
+    idx = torch.arange(100, 100 + batch)
+    losses = torch.rand(batch, generator=torch.Generator().manual_seed(batch))
+    monkeypatch.setattr(distributed, "world_size", lambda: world)
+    parts, averaged = [], 0.0
+    for r in range(world):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        mine, images, weight = distributed.my_part(idx, idx.float())
+        assert torch.equal(images, mine.float())
+        if weight:
+            parts.append(mine)
+        averaged += weight * float(losses[mine - 100].mean()) / world  # what DDP's average gives
+    assert sorted(torch.cat(parts).tolist()) == idx.tolist()  # every image once, across the ranks
+    assert averaged == pytest.approx(float(losses.mean()), rel=1e-6)  # the whole batch's mean loss
+
+
+def test_one_process_is_left_alone_and_the_lr_rules(monkeypatch):
+    from b2kd import distributed
+
+    idx, images = torch.arange(5), torch.zeros(5, 1, 2, 2)
+    assert distributed.my_part(idx, images) == (idx, images, 1.0)
+    assert distributed.mean_over_ranks({"loss": 0.5}) == {"loss": 0.5}
+    assert distributed.scaled_lr(0.05, "linear") == 0.05
+    assert distributed.peer_failure(RuntimeError("Connection closed by peer")) is None  # no job
+    assert distributed.peer_failure(distributed.PeerFailed("rank 0 failed")) == "rank 0 failed"
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)
+    assert distributed.scaled_lr(0.05, "linear") == pytest.approx(0.2)
+    assert distributed.scaled_lr(0.05, "sqrt") == pytest.approx(0.1)
+    assert distributed.scaled_lr(0.05, "none") == 0.05
+    assert "another process of this torchrun job failed" in distributed.peer_failure(
+        RuntimeError("[third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer"))
+    assert distributed.peer_failure(RuntimeError("a bug of this rank")) is None

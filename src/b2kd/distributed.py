@@ -217,9 +217,9 @@ def my_indices(idx: torch.Tensor) -> tuple[torch.Tensor, float]:
     :func:`my_part`); ``idx`` itself and 1.0 in a single process."""
     if world_size() == 1:
         return idx, 1.0
-    mine = torch.arange(rank(), len(idx), world_size())
-    if len(mine) == 0:
+    if rank() >= len(idx):  # a last batch smaller than the world: nothing left for this rank
         return idx[:1], 0.0
+    mine = torch.arange(rank(), len(idx), world_size())
     return idx[mine.to(idx.device)], len(mine) * world_size() / len(idx)
 
 
@@ -275,12 +275,19 @@ def check_supported(cfg, method_cls) -> None:
                           " that DistributedDataParallel does not synchronise: run it in a single process")
 
 
+#: What gloo and NCCL say (as plain RuntimeErrors) when a peer died or a collective timed out.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "third_party/gloo", "NCCL",
+              "timed out", "Timed out", "Timeout")
+
+
 def peer_failure(exc: BaseException) -> str | None:
     """A clear line for an error raised because another rank failed or stopped answering
     (a collective that timed out or lost its peer); None for any other error."""
     if isinstance(exc, PeerFailed):
         return str(exc)
-    if world_size() > 1 and isinstance(exc, dist.DistError | RuntimeError):
+    lost = isinstance(exc, dist.DistError) or (
+        isinstance(exc, RuntimeError) and any(sign in str(exc) for sign in _PEER_LOST))
+    if world_size() > 1 and lost:
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return (f"rank {rank()} stopped: another process of this torchrun job failed or stopped"
                 f" answering ({text[:200]}); its own message says why. Re-run the same command to"

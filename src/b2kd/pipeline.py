@@ -75,7 +75,7 @@ def open_teacher(cfg: Config, run_dir: Path, response: str, budget: int | None, 
     if cfg.teacher.url:
         from b2kd.blackbox.http import HTTPTeacher
 
-        backend = HTTPTeacher(cfg.teacher.url, cfg.teacher.api_key, binary=cfg.teacher.binary)
+        backend = HTTPTeacher.from_config(cfg.teacher)
         if backend.kind != kind:
             backend.close()
             raise ConfigError(f"the teacher at {backend.url} answers '{backend.kind}' responses but"

@@ -333,7 +333,8 @@ class HTTPTeacher:
                     raise TeacherUnavailable(f"the teacher at {self.url} failed {failures} times in a row;"
                                              f" last: {problem}")
             elapsed = time.monotonic() - start
-            if asked is not None and elapsed + asked > self.max_total_wait:
+            honoured = asked is not None and asked >= self.backoff  # else the backoff is waited
+            if honoured and elapsed + asked > self.max_total_wait:
                 raise TeacherUnavailable(
                     f"the teacher at {self.url} answered {problem} and asks to wait {asked:.0f} s"
                     f" (Retry-After), more than teacher.max_total_wait_s = {self.max_total_wait:g} s"
