@@ -74,6 +74,7 @@ def _config(toy_cfg, response):
     cfg.deprivatize.generator = None  # AM queries mixups of the private images
     d = cfg.distill
     d.method, d.response, d.budget, d.epochs = "am", response, 160, 10
+    d.batch_size = 16  # 9 steps an epoch: enough for the loss to fall (one step an epoch is noise)
     d.am_seed_fraction, d.am_cycles, d.am_candidates, d.am_fit_steps = 0.5, 2, 4, 5
     return cfg
 
