@@ -30,12 +30,14 @@ GANS = {
                "deprivatize.ema=0.999", "deprivatize.select=score"],
 }
 # (name, GAN, distillation overrides): each row adds one lever to the row above it
+STABLE = ["distill.grad_clip=5", "distill.warmup_steps=50"]
 VARIANTS = [
     ("base", "gan-demo", []),
-    ("+gan", "gan-ld", []),
-    ("+reuse", "gan-ld", ["distill.reuse_setup=true"]),
-    ("+local", "gan-ld", ["distill.reuse_setup=true", "distill.local_unlabelled=true"]),
-    ("+balanced", "gan-ld", ["distill.reuse_setup=true", "distill.local_unlabelled=true",
+    ("+stable", "gan-demo", STABLE),  # soft answers at lr 0.05 were chaotic without a gradient cap
+    ("+gan", "gan-ld", STABLE),
+    ("+reuse", "gan-ld", [*STABLE, "distill.reuse_setup=true"]),
+    ("+local", "gan-ld", [*STABLE, "distill.reuse_setup=true", "distill.local_unlabelled=true"]),
+    ("+balanced", "gan-ld", [*STABLE, "distill.reuse_setup=true", "distill.local_unlabelled=true",
                              "distill.pool=balanced"]),
 ]
 FIELDS = ["variant", "gan", "response", "seed", "dev_acc", "student_acc", "queries", "setup_queries",

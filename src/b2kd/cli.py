@@ -256,6 +256,41 @@ def export_cmd(
     console.print(f"report -> {run_dir / 'export.md'}")
 
 
+@app.command("adapt")
+@friendly
+def adapt_cmd(
+    run_dir: RunDir,
+    labelled: Annotated[str | None, typer.Option(
+        help="the new task's labelled images: a folder of class folders (PNG), or an .npz with"
+             " images, labels and optionally classes [adapt.labelled]")] = None,
+    shots: Annotated[int | None, typer.Option(help="labelled images per class, a seeded choice [adapt.shots]")] = None,
+    test: Annotated[str | None, typer.Option(help="a labelled test set of the new task, same formats [adapt.test]")] = None,
+    classes: Annotated[str | None, typer.Option(
+        help="the new task's class names in order, comma-separated; every class found must be one"
+             " [adapt.classes]")] = None,
+    out: Annotated[str | None, typer.Option(help="output directory [RUN/adapt]")] = None,
+    seed: Annotated[int | None, typer.Option(help="[adapt.seed]")] = None,
+    device: DeviceOpt = None,
+    overrides: Overrides = None,
+):
+    """Learn a new task on the device from a distilled student: a new head, then fine-tuning that
+    keeps the old task; no image is sent. Writes report.md/json and a model `b2kd export` reads."""
+    from b2kd.adapt import adapt_run, load_adapt_config
+
+    names = None if classes is None else [c.strip() for c in classes.split(",") if c.strip()]
+    cfg = load_adapt_config(run_dir, {"adapt.labelled": labelled, "adapt.shots": shots, "adapt.test": test,
+                                      "adapt.classes": names, "adapt.seed": seed, "device": device},
+                            overrides)
+    out_dir = Path(out) if out is not None else run_dir / "adapt"
+    r = adapt_run(run_dir, cfg.adapt.labelled, cfg.adapt.shots, out_dir, cfg, log=console.print)
+    new, old = r["new_task"], r["old_task"]
+    console.print(f"new task: head {_pct(new['head_acc'])} | fine-tuned {_pct(new['finetuned_acc'])}"
+                  f" (chance {_pct(new['chance'])}) | old task {_pct(old['before_acc'])} -> "
+                  f"{_pct(old['after_acc'])} | queries {r['queries']}", highlight=False)
+    console.print(f"report -> {out_dir / 'report.md'}; `b2kd export {out_dir}` exports the new task's model",
+                  markup=False, highlight=False)
+
+
 @app.command("predict")
 @friendly
 def predict_cmd(

@@ -218,6 +218,28 @@ class DistributedConfig(_Section):
     scale_lr: Literal["none", "linear", "sqrt"] = "none"
 
 
+class AdaptConfig(_Section):
+    """``b2kd adapt``: a new task learnt on the device from a distilled student (b2kd.adapt).
+
+    A new linear head on the student's penultimate features (body frozen), then optional
+    fine-tuning of the whole student with a term that keeps its old head's answers on the
+    private images close to the distilled student's. No teacher is queried."""
+
+    run: str | None = None  # the `b2kd distill` run adapted (set by b2kd adapt)
+    labelled: str | None = None  # the new task's labelled images: class folders or an .npz
+    test: str | None = None  # a labelled test set of the new task, same formats (report only)
+    classes: list[str] | None = None  # the new task's class names, in order (None: from the data)
+    shots: int | None = Field(None, ge=1)  # labelled images per class, a seeded choice
+    head_epochs: int = Field(100, ge=1)  # passes over the shots' features, body frozen
+    finetune_epochs: int = Field(2, ge=0)  # passes over the private images, whole student
+    lr: float = Field(0.01, gt=0)  # Adam, the new head
+    finetune_lr: float = Field(0.01, gt=0)  # SGD (momentum 0.9), the whole student
+    keep_weight: float = Field(1.0, ge=0)  # weight of the old head's KL to the distilled student
+    tau: float = Field(2.0, gt=0)  # temperature of that KL
+    batch_size: int = Field(64, ge=1)
+    seed: int = 0  # the shots drawn and the training
+
+
 class Config(_Section):
     seed: int = 0
     threads: int | None = None
@@ -229,6 +251,7 @@ class Config(_Section):
     distill: DistillConfig = DistillConfig()
     serve: ServeConfig = ServeConfig()
     distributed: DistributedConfig = DistributedConfig()
+    adapt: AdaptConfig = AdaptConfig()
 
 
 #: Secrets that stay out of the config.yaml written into run directories.
