@@ -24,21 +24,27 @@ from b2kd.config import load_config
 from b2kd.pipeline import run_deprivatize, run_distill, run_evaluate, run_teacher
 
 CONFIG = "configs/demo.yaml"
+# every setting a row turns on is named, so the rows mean the same whatever configs/demo.yaml holds
 GANS = {
-    "gan-demo": [],  # the demo's GAN before issue 10: default init, no augmentation, last epoch
+    # the demo's GAN before issue 10: default init, no augmentation, no EMA, the last epoch
+    "gan-demo": ["deprivatize.init=default", "deprivatize.diffaugment=[]", "deprivatize.ema=null",
+                 "deprivatize.select=last"],
+    # the limited-data recipe: DCGAN init, DiffAugment, EMA of G, label-free checkpoint choice
     "gan-ld": ["deprivatize.init=dcgan", "deprivatize.diffaugment=[translation,cutout]",
                "deprivatize.ema=0.999", "deprivatize.select=score"],
 }
-# (name, GAN, distillation overrides): each row adds one lever to the row above it
+OFF = ["distill.grad_clip=null", "distill.warmup_steps=0", "distill.reuse_setup=false",
+       "distill.local_unlabelled=false", "distill.pool=random"]
 STABLE = ["distill.grad_clip=5", "distill.warmup_steps=50"]
+# (name, GAN, distillation overrides): each row adds one lever to the row above it
 VARIANTS = [
-    ("base", "gan-demo", []),
-    ("+stable", "gan-demo", STABLE),  # soft answers at lr 0.05 were chaotic without a gradient cap
-    ("+gan", "gan-ld", STABLE),
-    ("+reuse", "gan-ld", [*STABLE, "distill.reuse_setup=true"]),
-    ("+local", "gan-ld", [*STABLE, "distill.reuse_setup=true", "distill.local_unlabelled=true"]),
-    ("+balanced", "gan-ld", [*STABLE, "distill.reuse_setup=true", "distill.local_unlabelled=true",
-                             "distill.pool=balanced"]),
+    ("base", "gan-demo", OFF),
+    ("+stable", "gan-demo", [*OFF, *STABLE]),  # soft answers at lr 0.05 were chaotic without a cap
+    ("+gan", "gan-ld", [*OFF, *STABLE]),
+    ("+reuse", "gan-ld", [*OFF, *STABLE, "distill.reuse_setup=true"]),
+    ("+local", "gan-ld", [*OFF, *STABLE, "distill.reuse_setup=true", "distill.local_unlabelled=true"]),
+    ("+balanced", "gan-ld", [*OFF, *STABLE, "distill.reuse_setup=true", "distill.local_unlabelled=true",
+                             "distill.pool=balanced"]),  # the shipped demo defaults
 ]
 FIELDS = ["variant", "gan", "response", "seed", "dev_acc", "student_acc", "queries", "setup_queries",
           "seconds"]
