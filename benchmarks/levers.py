@@ -44,7 +44,10 @@ VARIANTS = [
     ("+reuse", "gan-ld", [*OFF, *STABLE, "distill.reuse_setup=true"]),
     ("+local", "gan-ld", [*OFF, *STABLE, "distill.reuse_setup=true", "distill.local_unlabelled=true"]),
     ("+balanced", "gan-ld", [*OFF, *STABLE, "distill.reuse_setup=true", "distill.local_unlabelled=true",
-                             "distill.pool=balanced"]),  # the shipped demo defaults
+                             "distill.pool=balanced"]),
+    # every distillation lever on the demo's GAN: is the limited-data GAN worth its place?
+    ("all-gan-demo", "gan-demo", [*OFF, *STABLE, "distill.reuse_setup=true", "distill.local_unlabelled=true",
+                                  "distill.pool=balanced"]),
 ]
 FIELDS = ["variant", "gan", "response", "seed", "dev_acc", "student_acc", "queries", "setup_queries",
           "seconds"]
