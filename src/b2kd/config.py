@@ -56,6 +56,8 @@ class TeacherConfig(_Section):
     input_mean: list[float] | None = None
     input_std: list[float] | None = None
     output: Literal["probabilities", "logits"] = "probabilities"  # logits: softmax on the edge
+    # a gray-box server's embedding output (N, D) when it is no b2kd server (which names it itself)
+    embedding_output: str | None = None
     # every wait is bounded: connection errors and 5xx are retried `retries` times; each wait
     # (Retry-After or backoff) is at most max_wait_s, a request gives up after max_total_wait_s
     timeout_s: float = Field(60.0, gt=0)
@@ -128,6 +130,9 @@ class DistillConfig(_Section):
     # semi-supervised distillation (b2kd.semisup): the private images train the student on the
     # device, unlabelled (FixMatch consistency on confident pseudo-labels); never sent
     local_unlabelled: bool = False
+    # gray-box answers (a +embedding response kind): weight of the term matching the student's
+    # penultimate features, through a learned projection, to the teacher's embedding (0: off)
+    feature_weight: float = Field(1.0, ge=0)
     unlabelled_weight: float = Field(1.0, ge=0)
     unlabelled_threshold: float = Field(0.95, ge=0, le=1)
     unlabelled_ratio: float = Field(1.0, gt=0)  # unlabelled batch = ratio x batch_size
@@ -188,8 +193,9 @@ class ServeConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)  # 0: any free port
     model_name: str = "teacher"
-    response: str = "soft"  # what the API answers: soft, hard, topk:K, rounded:D
+    response: str = "soft"  # what the API answers: soft, hard, topk:K, rounded:D (+embedding: gray-box)
     api_keys: list[str] = []  # "KEY" (no quota) or "KEY:QUOTA"; none: no key needed
+    key_outputs: list[str] = []  # "KEY=OUTPUT[,OUTPUT...]": the outputs a key may read (others: all)
     rate_limit: float | None = Field(None, gt=0)  # requests per second per key (429 beyond)
     burst: int = Field(10, ge=1)  # requests a key may send at once before the rate applies
     max_batch: int = Field(1024, ge=1)  # images per request (413 beyond)

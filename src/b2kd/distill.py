@@ -34,14 +34,22 @@ def split_pool(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, to
 
 
 def train_step(method, student: torch.nn.Module, optimizer, images: torch.Tensor, idx: torch.Tensor,
-               grad_clip: float | None = None, extra=None, weight: float = 1.0):
+               grad_clip: float | None = None, extra=None, weight: float = 1.0, features=None):
     """One optimisation step of the student on a batch of paid images; returns the loss and its parts.
 
     ``grad_clip`` caps the global gradient norm (None: no cap). ``extra()`` adds a term that
     needs no paid answer (the unlabelled private images' consistency loss), with its parts.
     ``weight`` scales the loss that is differentiated (a rank's share of a data-parallel batch).
+    ``features`` (a :class:`b2kd.feature_match.FeatureMatch`) adds the gray-box term on the
+    features of the method's own forward pass.
     """
+    if features is not None:
+        features.arm()
     loss, parts = method.loss(student, images, idx)
+    if features is not None:
+        more, more_parts = features.loss(idx)
+        loss = loss + more
+        parts = {**parts, **more_parts}
     if extra is not None:
         more, more_parts = extra()
         loss = loss + more
@@ -49,7 +57,8 @@ def train_step(method, student: torch.nn.Module, optimizer, images: torch.Tensor
     optimizer.zero_grad(set_to_none=True)
     (loss if weight == 1.0 else loss * weight).backward()
     if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
+        params = [p for group in optimizer.param_groups for p in group["params"]]  # the projection too
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
     return loss, parts
 
@@ -110,8 +119,15 @@ def distill(
         local_model=local_model if method.white_box else None,
         setup=setup if method.source == "generator" else None,
     )
+    # gray-box answers (+embedding kinds): the teacher's embeddings of the pool, read from the ledger
+    with_features = teacher.kind.embedding and d.feature_weight > 0
+
+    def acquire() -> tuple[torch.Tensor, ...]:
+        images, responses = method.acquire(acq)
+        return (images, responses, teacher.embeddings(images)) if with_features else (images, responses)
+
     # under torchrun rank 0 alone pays, and every rank receives the pool (b2kd.distributed)
-    images, responses = distributed.from_rank0(lambda: method.acquire(acq))
+    images, responses, *embeddings = distributed.from_rank0(acquire)
     if fitted:
         student = new_student()  # the final student starts from the same weights whatever came before
     teacher_top1 = top1(responses)
@@ -124,6 +140,12 @@ def distill(
     batch = d.batch_size * distributed.world_size()  # the effective batch: per rank x world size
     optimizer = make_optimizer(student, distributed.scaled_lr(d.lr, cfg.distributed.scale_lr), d.momentum,
                                d.weight_decay)
+    features = None
+    if with_features:
+        from b2kd.feature_match import FeatureMatch
+
+        features = FeatureMatch(student, embeddings[0], d.feature_weight, device, cfg.seed)
+        optimizer.add_param_group({"params": list(features.proj.parameters())})  # same lr and schedule
     steps_per_epoch = math.ceil(len(train_idx) / batch)
     # distill.steps fixes the training length whatever the pool's size (budget sweeps compare
     # methods at equal compute); the schedule then spans ceil(steps / steps per epoch) epochs
@@ -139,7 +161,8 @@ def distill(
     select = d.select if len(val_idx) else "last"
     meta = {"role": "student", "method": d.method, "response": str(teacher.kind), "arch": d.student}
     engine = Engine(out, student, optimizer, scheduler, epochs, cfg.seed, select=select, meta=meta,
-                    schedule_per="step", writes=distributed.is_main())
+                    schedule_per="step", writes=distributed.is_main(),
+                    extras={"feature_projection": features.proj} if features is not None else None)
     local = None
     if d.local_unlabelled:
         if unlabelled is None:
@@ -161,7 +184,7 @@ def distill(
             extra = None if local is None else (lambda: local.loss(student, rng))
             # every rank augments the whole batch (the same draws as one process) and trains on its part
             idx, x, weight = distributed.my_part(idx, augment(images[idx], generator=rng))
-            loss, parts = train_step(method, trainee, optimizer, x, idx, d.grad_clip, extra, weight)
+            loss, parts = train_step(method, trainee, optimizer, x, idx, d.grad_clip, extra, weight, features)
             scheduler.step()
             for key, value in {"loss": loss.item(), **parts}.items():
                 totals[key] = totals.get(key, 0.0) + value
@@ -194,6 +217,8 @@ def distill(
         "bytes_received": totals["bytes_received"],
         "pool_size": len(images),
         "setup_in_pool": 0 if acq.setup is None else len(acq.setup[0]),
+        "embedding_dim": int(embeddings[0].shape[1]) if with_features else None,
+        "with_embedding": int((~torch.isnan(embeddings[0]).any(1)).sum()) if with_features else 0,
         "val_size": len(val_idx),
         "train_img_per_s": timing["images"] / timing["seconds"] if timing["seconds"] else None,
         "select": select,

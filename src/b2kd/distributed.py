@@ -270,6 +270,10 @@ def check_supported(cfg, method_cls) -> None:
     if cfg.distill.local_unlabelled:
         raise ConfigError("distill.local_unlabelled is not supported under torchrun with more than"
                           " one process yet: run the semi-supervised term in a single process")
+    if cfg.distill.feature_weight > 0 and "embedding" in str(cfg.distill.response):
+        raise ConfigError("gray-box feature matching (a +embedding response) is not supported under"
+                          " torchrun with more than one process yet: its projection is not synchronised;"
+                          " run it in a single process or set distill.feature_weight=0")
     if not getattr(method_cls, "data_parallel", True):
         raise ConfigError(f"method '{method_cls.name}' trains a model of its own beside the student"
                           " that DistributedDataParallel does not synchronise: run it in a single process")

@@ -76,6 +76,7 @@ class Engine:
         meta: dict | None = None,
         schedule_per: str = "epoch",
         writes: bool = True,
+        extras: dict[str, torch.nn.Module] | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -90,6 +91,8 @@ class Engine:
         self.schedule_per = schedule_per
         # False on the ranks of a torchrun job but rank 0: they train, rank 0 writes
         self.writes = writes
+        # modules trained beside the model (a projection head): saved in latest.pt, restored on resume
+        self.extras = extras or {}
         self.start_epoch = 0
         self.best_metric = float("-inf")
         self.best_epoch = -1
@@ -122,6 +125,9 @@ class Engine:
         self.best_metric = state["best_metric"]
         self.best_epoch = state["best_epoch"]
         self.history = state["history"]
+        for name, module in self.extras.items():
+            if name in state.get("extras", {}):
+                module.load_state_dict(state["extras"][name])
         # metrics.jsonl may miss the last epoch if the process died after the checkpoint
         if not self.writes:
             return True
@@ -140,6 +146,7 @@ class Engine:
                     "best_metric": self.best_metric,
                     "best_epoch": self.best_epoch,
                     "history": self.history,
+                    "extras": {name: m.state_dict() for name, m in self.extras.items()},
                 },
             },
             self.latest_path,

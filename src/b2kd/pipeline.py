@@ -76,6 +76,8 @@ def open_teacher(cfg: Config, run_dir: Path, response: str, budget: int | None, 
         from b2kd.blackbox.http import HTTPTeacher
 
         backend = HTTPTeacher.from_config(cfg.teacher)
+        if backend.kind.embedding and backend.kind.base == kind:
+            backend.without_embedding()  # a gray-box server also answers plain probabilities
         if backend.kind != kind:
             backend.close()
             raise ConfigError(f"the teacher at {backend.url} answers '{backend.kind}' responses but"

@@ -48,7 +48,7 @@ def serve(cfg: Config, log=print) -> None:
     import uvicorn
 
     from b2kd.blackbox.connections import uvicorn_config
-    from b2kd.blackbox.keys import load_secret, server_keys
+    from b2kd.blackbox.keys import load_secret, parse_key_outputs, server_keys
     from b2kd.blackbox.server import ServerSettings, create_app
     from b2kd.blackbox.store_postgres import redact
     from b2kd.pipeline import prepare_run
@@ -70,10 +70,17 @@ def serve(cfg: Config, log=print) -> None:
         metrics_key=s.metrics_key or os.environ.get("B2KD_METRICS_KEY") or None,
         replay_ttl_s=s.replay_ttl_s, replay_per_key=s.replay_per_key, read_timeout_s=s.read_timeout_s,
         max_connections=s.max_connections, auth_failures=s.auth_failures,
+        key_outputs=parse_key_outputs(s.key_outputs),
     )
-    app = create_app(backend, settings)  # opens the store: a wrong secret or URL ends here
+    try:
+        app = create_app(backend, settings)  # opens the store: a wrong secret or URL ends here
+    except ValueError as exc:  # outputs or keys of --key-outputs that do not exist
+        raise ConfigError(str(exc)) from None
     sock = listen(s.host, s.port)
     host, port = sock.getsockname()[:2]
+    if backend.embedding_dim:
+        log(f"warning: every answer discloses the teacher's {backend.embedding_dim}-value embedding;"
+            " it makes the model easier to copy (keep it to some keys with --key-outputs)")
     log(f"serving {cfg.teacher.checkpoint} ({backend.kind} responses,"
         f" {len(keys) or 'no'} API key{'s' if len(keys) != 1 else ''})"
         f" at http://{host}:{port}/v2/models/{s.model_name}; log in {out},"

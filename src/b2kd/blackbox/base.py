@@ -17,6 +17,7 @@ class BackendAnswer:
     responses: torch.Tensor  # (N, K) float32, API form
     bytes_sent: list[int]  # per image
     bytes_received: list[int]  # per image
+    embeddings: torch.Tensor | None = None  # (N, D) float32 for a ``+embedding`` kind, else None
 
 
 class Backend(Protocol):
@@ -25,6 +26,7 @@ class Backend(Protocol):
     kind: ResponseKind
     num_classes: int
     image_shape: tuple[int, int, int]  # (C, H, W) the API accepts
+    embedding_dim: int | None  # D of a ``+embedding`` kind's vectors (None: no embedding)
 
     def infer(self, images: torch.Tensor) -> BackendAnswer: ...
 

@@ -57,7 +57,7 @@ from b2kd.blackbox.protocol import (
     header_length,
     parse_json,
 )
-from b2kd.blackbox.validate import check, softmax_of_logits
+from b2kd.blackbox.validate import check, check_embeddings, softmax_of_logits
 
 if TYPE_CHECKING:
     from b2kd.config import TeacherConfig
@@ -173,8 +173,10 @@ class HTTPTeacher:
         input_scale: float | None = None,
         input_mean: list[float] | None = None,
         input_std: list[float] | None = None,
+        embedding_output: str | None = None,
     ):
         root, self._model_path = split_url(url)
+        self._embedding_output = embedding_output
         self.url = root + self._model_path
         if output not in OUTPUTS:
             raise BlackBoxError(f"teacher.output must be one of {', '.join(OUTPUTS)}, not {output!r}")
@@ -201,6 +203,7 @@ class HTTPTeacher:
             "max_total_wait": teacher.max_total_wait_s, "output": teacher.output,
             "input_preset": teacher.input_preset, "input_scale": teacher.input_scale,
             "input_mean": teacher.input_mean, "input_std": teacher.input_std,
+            "embedding_output": teacher.embedding_output,
         }
         return cls(teacher.url, teacher.api_key, **{**settings, **overrides})
 
@@ -223,7 +226,8 @@ class HTTPTeacher:
         stated = params.get("num_classes")
         try:
             self.layout = Layout.from_metadata(meta.get("outputs"), params.get("response"),
-                                               stated if isinstance(stated, int) else num_classes)
+                                               stated if isinstance(stated, int) else num_classes,
+                                               self._embedding_output)
         except ProtocolError as exc:
             raise BlackBoxError(f"{what} is not a classifier b2kd can use: {exc}") from None
         if self.output == "logits" and self.layout.kind.name != "soft":
@@ -232,6 +236,10 @@ class HTTPTeacher:
                                 " [-1, K]")
         self.kind = self.layout.kind
         self.num_classes = self.layout.num_classes
+        self.embedding_dim = self.layout.embedding_dim
+        # a gray-box server's answers are asked for by output name, so that a client that reads
+        # only the probabilities (without_embedding) is not sent the embedding
+        self._name_outputs = self.layout.embedding_dim is not None
         self.batch_size = batch_size
         for server_max in (params.get("max_batch_size"), self._config_max_batch()):
             if isinstance(server_max, int) and not isinstance(server_max, bool) and server_max > 0:
@@ -346,6 +354,12 @@ class HTTPTeacher:
                     f" {self.max_total_wait:g} s ({attempts} attempts); last: {problem}")
             time.sleep(wait)
 
+    def without_embedding(self) -> None:
+        """Read only the probabilities (or labels) of a gray-box server: the embedding is
+        neither asked for nor paid for in bytes."""
+        self.layout = self.layout.without_embedding()
+        self.kind, self.embedding_dim = self.layout.kind, None
+
     # --- the backend interface -------------------------------------------------------------
 
     def _request_id(self, batch: torch.Tensor) -> str:
@@ -365,7 +379,7 @@ class HTTPTeacher:
         check(api, self.kind, source, hint)
         return api
 
-    def _infer_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, Wire]:
+    def _infer_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, Wire]:
         n = len(batch)
         if self.fixed_batch is not None and n < self.fixed_batch:  # the model takes exactly N images:
             pad = batch[:1].expand(self.fixed_batch - n, *batch.shape[1:])  # pad with the first one
@@ -374,6 +388,8 @@ class HTTPTeacher:
         header: dict[str, Any] = {"id": request_id}
         if self.binary:
             header["parameters"] = {"binary_data_output": True}
+        if self._name_outputs:
+            header["outputs"] = [{"name": name} for name in self.layout.names.values()]
         inputs = [Tensor(self.input_name, self.preprocess(batch), self.binary)]
         body, length = encode(header, "inputs", inputs)
         headers = ({HEADER_LENGTH: str(length), "Content-Type": "application/octet-stream"}
@@ -385,11 +401,15 @@ class HTTPTeacher:
             if msg.header.get("id", request_id) != request_id:
                 raise ProtocolError(f"answer to request '{msg.header.get('id')!s:.80}', not '{request_id}'")
             api = self.layout.from_outputs(msg.tensors, len(batch))
+            embeddings = self.layout.embeddings_from_outputs(msg.tensors, len(batch))
         # ProtocolError is what decoding raises; the others would be a decoder's bug, and an
         # answer is untrusted input all the same: one clear line, never a traceback
         except (ValueError, TypeError, LookupError, OverflowError, RecursionError) as exc:
             raise BlackBoxError(f"the teacher at {self.url} sent a malformed answer: {exc}") from None
-        return self._answers(api)[:n], wire
+        if embeddings is not None:
+            check_embeddings(embeddings, len(batch), self.embedding_dim, f"the teacher at {self.url}")
+            embeddings = embeddings[:n]
+        return self._answers(api)[:n], embeddings, wire
 
     def infer(self, images: torch.Tensor) -> BackendAnswer:
         if images.dtype != torch.uint8 or tuple(images.shape[1:]) != self.image_shape:
@@ -398,11 +418,13 @@ class HTTPTeacher:
                 f" got {tuple(images.shape)} {images.dtype}"
             )
         images = images.cpu().contiguous()
-        rows, sent, received = [], [], []
+        rows, vectors, sent, received = [], [], [], []
         for start in range(0, len(images), self.batch_size):
             batch = images[start : start + self.batch_size]
-            api, wire = self._infer_batch(batch)
+            api, embeddings, wire = self._infer_batch(batch)
             rows.append(api)
+            vectors.append(embeddings)
             sent += _spread(wire.sent, len(batch))
             received += _spread(wire.received, len(batch))
-        return BackendAnswer(responses=torch.cat(rows), bytes_sent=sent, bytes_received=received)
+        return BackendAnswer(responses=torch.cat(rows), bytes_sent=sent, bytes_received=received,
+                             embeddings=torch.cat(vectors) if self.embedding_dim else None)

@@ -46,6 +46,21 @@ def parse_api_keys(specs: list[str]) -> dict[str, int | None]:
     return keys
 
 
+def parse_key_outputs(specs: list[str]) -> dict[str, list[str]]:
+    """``KEY=OUTPUT[,OUTPUT...]`` each -> {key: outputs it may read} (a key not named reads all)."""
+    chosen: dict[str, list[str]] = {}
+    for spec in specs:
+        key, sep, outputs = spec.partition("=")
+        names = [o.strip() for o in outputs.split(",") if o.strip()]
+        if not sep or not key or not names:
+            raise KeySetupError("each --key-outputs must be KEY=OUTPUT[,OUTPUT...], for example"
+                                " KEY=probabilities")
+        if key in chosen:
+            raise KeySetupError("a key is given twice in --key-outputs")
+        chosen[key] = names
+    return chosen
+
+
 def read_key_file(path: str | Path) -> list[str]:
     """The key specs in ``path``: one a line; blank lines and ``#`` comments skipped."""
     try:

@@ -1,7 +1,8 @@
 """The query ledger: an SQLite record of every image sent to the teacher.
 
 One row per paid query: the image's hash, the bytes that travelled each way,
-the response in API form and, unless switched off, the image itself. The
+the response in API form, the teacher's embedding for a ``+embedding`` kind
+(a gray-box answer) and, unless switched off, the image itself. The
 ledger doubles as the response cache (a repeated image costs nothing) and as
 the evidence that no private image ever left the device.
 
@@ -24,7 +25,8 @@ import numpy as np
 import torch
 
 from b2kd.blackbox.base import BlackBoxError
-from b2kd.blackbox.validate import InvalidAnswer, invalid_rows, problem
+from b2kd.blackbox.responses import ResponseKind
+from b2kd.blackbox.validate import InvalidAnswer, embedding_problem, invalid_rows, problem
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS queries (
@@ -38,6 +40,7 @@ CREATE TABLE IF NOT EXISTS queries (
     shape TEXT NOT NULL,
     stage TEXT NOT NULL,
     created REAL NOT NULL,
+    embedding BLOB,
     UNIQUE (hash, kind)
 );
 """
@@ -70,6 +73,10 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(queries)")}
+        if "embedding" not in columns:  # a ledger written before gray-box answers existed
+            with self._db:
+                self._db.execute("ALTER TABLE queries ADD COLUMN embedding BLOB")
 
     def close(self) -> None:
         self._db.close()
@@ -99,6 +106,29 @@ class Ledger:
             for h, blob, sent, received in rows:
                 found[h] = (torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy()), sent, received)
         self._refuse_invalid([r for r, _, _ in found.values()], kind)
+        return found
+
+    def lookup_embeddings(self, hashes: list[str], kind: str) -> dict[str, torch.Tensor]:
+        """The embeddings stored with the answers of a ``+embedding`` kind, for the hashes that have one."""
+        found: dict[str, torch.Tensor] = {}
+        unique = list(dict.fromkeys(hashes))
+        for start in range(0, len(unique), 500):
+            chunk = unique[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                "SELECT hash, embedding FROM queries"
+                f" WHERE kind = ? AND embedding IS NOT NULL AND hash IN ({marks})",
+                [kind, *chunk],
+            )
+            for h, blob in rows:
+                found[h] = torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy())
+        if found:
+            vectors = list(found.values())
+            why = ("embeddings of different lengths" if len({len(v) for v in vectors}) > 1
+                   else embedding_problem(torch.stack(vectors), len(vectors), None))
+            if why is not None:
+                raise PoisonedLedger(f"the ledger {self.path} holds invalid embeddings ({why});"
+                                     f" remove them with `b2kd ledger clean {self.path}`")
         return found
 
     def _refuse_invalid(self, responses: list[torch.Tensor], kind: str) -> None:
@@ -132,7 +162,25 @@ class Ledger:
                 except ValueError:  # a kind this b2kd does not know
                     mask = torch.ones(len(group), dtype=torch.bool)
                 bad += [i for (i, _), b in zip(group, mask.tolist(), strict=True) if b]
-        return sorted(bad)
+            bad += self._invalid_embedding_ids(kind)
+        return sorted(set(bad))
+
+    def _invalid_embedding_ids(self, kind: str) -> list[int]:
+        """Rows of a ``+embedding`` kind whose embedding is missing, unreadable or not finite."""
+        try:
+            if not ResponseKind.parse(kind).embedding:
+                return []
+        except ValueError:
+            return []  # a kind this b2kd does not know: its rows are bad already
+        rows = self._db.execute("SELECT id, embedding FROM queries WHERE kind = ?", (kind,)).fetchall()
+        bad = [i for i, blob in rows if not blob or len(blob) % 4]
+        good = [(i, np.frombuffer(blob, dtype=np.float32)) for i, blob in rows if blob and not len(blob) % 4]
+        if good:
+            sizes = [len(v) for _, v in good]
+            usual = max(set(sizes), key=sizes.count)  # the server's D: other lengths are bad
+            bad += [i for i, v in good if len(v) != usual
+                    or embedding_problem(torch.from_numpy(v.copy())[None], 1, None) is not None]
+        return bad
 
     def clean(self) -> tuple[int, int]:
         """Delete the rows holding invalid answers; (rows removed, rows kept)."""
@@ -151,11 +199,19 @@ class Ledger:
         bytes_sent: list[int],
         bytes_received: list[int],
         stage: str,
+        embeddings: torch.Tensor | None = None,
     ) -> None:
-        """Store one paid batch in a single transaction (all rows or none); invalid answers never."""
+        """Store one paid batch in a single transaction (all rows or none); invalid answers never.
+
+        A ``+embedding`` kind's answers must come with their embeddings (N, D)."""
         why = problem(responses, kind)
+        if why is None and ResponseKind.parse(kind).embedding:
+            why = embedding_problem(embeddings, len(responses), None)
         if why is not None:
             raise InvalidAnswer(f"refusing to record invalid '{kind}' answers: {why}")
+        emb = None
+        if ResponseKind.parse(kind).embedding:
+            emb = embeddings.detach().float().cpu().numpy()
         now = time.time()
         shape = "x".join(str(d) for d in images.shape[1:])
         imgs = images.cpu().numpy()
@@ -171,13 +227,14 @@ class Ledger:
                 shape,
                 stage,
                 now,
+                emb[i].tobytes() if emb is not None else None,
             )
             for i, h in enumerate(hashes)
         ]
         with self._db:
             self._db.executemany(
                 "INSERT OR IGNORE INTO queries (hash, kind, bytes_sent, bytes_received, response,"
-                " image, shape, stage, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " image, shape, stage, created, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
 

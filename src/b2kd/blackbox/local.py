@@ -19,6 +19,11 @@ class LocalBackend:
         self.num_classes = int(model.num_classes)
         self.image_shape = (int(model.in_channels), int(model.image_size), int(model.image_size))
         self.batch_size = batch_size
+        self.embedding_dim = None
+        if self.kind.embedding:
+            from b2kd.penultimate import output_linear
+
+            self.embedding_dim = int(output_linear(model).in_features)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -39,15 +44,13 @@ class LocalBackend:
                 f"the teacher accepts uint8 images of shape (N, {', '.join(map(str, self.image_shape))}),"
                 f" got {tuple(images.shape)} {images.dtype}"
             )
-        probs = torch.cat(
-            [
-                torch.softmax(self._model(images[i : i + self.batch_size]).float(), dim=1)
-                for i in range(0, len(images), self.batch_size)
-            ]
-        )
+        from b2kd.penultimate import embed
+
+        logits, features = embed(self._model, images, self.batch_size)
         per_image = int(images[0].numel())  # 1 byte per pixel
         return BackendAnswer(
-            responses=self.kind.apply(probs),
+            responses=self.kind.apply(torch.softmax(logits, dim=1)),
             bytes_sent=[per_image] * len(images),
-            bytes_received=[self.kind.wire_bytes(self.num_classes)] * len(images),
+            bytes_received=[self.kind.wire_bytes(self.num_classes, self.embedding_dim or 0)] * len(images),
+            embeddings=features if self.kind.embedding else None,
         )

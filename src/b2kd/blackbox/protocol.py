@@ -218,6 +218,8 @@ def decode(body: bytes, length: int | None, key: str, max_elements: int | None =
 
 #: Output tensor names of a b2kd server, by role.
 PROBABILITIES, LABEL, TOPK_INDICES, TOPK_VALUES = "probabilities", "label", "topk_indices", "topk_values"
+#: The gray-box output: the teacher's penultimate-layer embedding, FP32 (N, D).
+EMBEDDING = "embedding"
 
 
 @dataclass(frozen=True)
@@ -227,13 +229,24 @@ class Layout:
     kind: ResponseKind
     num_classes: int
     names: dict[str, str]  # role -> output tensor name on the server
+    embedding_dim: int | None = None  # D of the embedding output of a ``+embedding`` kind
 
     @classmethod
-    def of(cls, kind: ResponseKind | str, num_classes: int) -> Layout:
+    def of(cls, kind: ResponseKind | str, num_classes: int, embedding_dim: int | None = None) -> Layout:
         """The layout a b2kd server uses for ``kind``."""
         kind = ResponseKind.parse(kind)
         roles = {"hard": (LABEL,), "topk": (TOPK_INDICES, TOPK_VALUES)}.get(kind.name, (PROBABILITIES,))
-        return cls(kind, num_classes, {role: role for role in roles})
+        if kind.embedding:
+            if not embedding_dim:
+                raise ValueError(f"a '{kind}' layout needs the embedding's size")
+            roles = (*roles, EMBEDDING)
+        return cls(kind, num_classes, {role: role for role in roles},
+                   embedding_dim if kind.embedding else None)
+
+    def without_embedding(self) -> Layout:
+        """The same outputs but the embedding (a client that reads only the probabilities)."""
+        names = {role: name for role, name in self.names.items() if role != EMBEDDING}
+        return Layout(self.kind.base, self.num_classes, names)
 
     @property
     def k(self) -> int:
@@ -242,12 +255,13 @@ class Layout:
     def metadata(self) -> list[dict[str, Any]]:
         """The ``outputs`` entry of the model metadata."""
         specs = {PROBABILITIES: ("FP32", [-1, self.num_classes]), LABEL: ("INT32", [-1]),
-                 TOPK_INDICES: ("INT32", [-1, self.k]), TOPK_VALUES: ("FP32", [-1, self.k])}
+                 TOPK_INDICES: ("INT32", [-1, self.k]), TOPK_VALUES: ("FP32", [-1, self.k]),
+                 EMBEDDING: ("FP32", [-1, self.embedding_dim or 0])}
         return [{"name": name, "datatype": specs[role][0], "shape": specs[role][1]}
                 for role, name in self.names.items()]
 
-    def to_outputs(self, api: torch.Tensor) -> dict[str, np.ndarray]:
-        """Output tensors of API-form rows (N, K), as the server sends them."""
+    def to_outputs(self, api: torch.Tensor, embeddings: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+        """Output tensors of API-form rows (N, K) (and embeddings (N, D)), as the server sends them."""
         api = api.detach().float().cpu()
         if self.kind.name == "hard":
             arrays = {LABEL: api.argmax(1).numpy().astype(np.int32)}
@@ -257,12 +271,30 @@ class Layout:
                       TOPK_VALUES: top.values.numpy().astype(np.float32)}
         else:
             arrays = {PROBABILITIES: api.numpy().astype(np.float32)}
+        if EMBEDDING in self.names:
+            arrays[EMBEDDING] = embeddings.detach().float().cpu().numpy()
         return {self.names[role]: a for role, a in arrays.items()}
+
+    def embeddings_from_outputs(self, tensors: dict[str, np.ndarray], n: int) -> torch.Tensor | None:
+        """The embedding output (n, D) of an answer, checked for shape and type (None: not asked for)."""
+        if EMBEDDING not in self.names:
+            return None
+        name = self.names[EMBEDDING]
+        if name not in tensors:
+            raise ProtocolError(f"the answer lacks output '{name}'")
+        array = tensors[name]
+        if array.ndim != 2 or len(array) != n or array.dtype.kind != "f" or (
+                self.embedding_dim is not None and array.shape[1] != self.embedding_dim):
+            raise ProtocolError(f"output '{name}' must be floats of shape ({n}, {self.embedding_dim or 'D'}),"
+                                f" got {array.dtype} {array.shape}")
+        return torch.from_numpy(array.astype(np.float32))
 
     def from_outputs(self, tensors: dict[str, np.ndarray], n: int) -> torch.Tensor:
         """API-form rows (n, K) from a server's output tensors, checked for shape and range."""
         arrays = {}
         for role, name in self.names.items():
+            if role == EMBEDDING:
+                continue  # read by embeddings_from_outputs
             if name not in tensors:
                 raise ProtocolError(f"the answer lacks output '{name}'")
             arrays[role] = tensors[name]
@@ -288,14 +320,39 @@ class Layout:
 
     @classmethod
     def from_metadata(cls, outputs: list[dict[str, Any]], response: str | None,
-                      num_classes: int | None) -> Layout:
+                      num_classes: int | None, embedding_output: str | None = None) -> Layout:
         """The layout of any protocol server's classifier, from its model metadata.
 
         A b2kd server names its response kind in the metadata's parameters; for
         other servers the kind is read off the outputs: one float (N, K) output is
         ``soft``, one integer (N,) output is ``hard`` (K must then be given), an
-        integer and a float (N, k) output are ``topk:k``.
+        integer and a float (N, k) output are ``topk:k``. A gray-box server's
+        embedding is the float (N, D) output named ``embedding_output`` (a b2kd
+        server's is ``embedding``, named by its ``+embedding`` kind); it is set
+        apart before the rest is read.
         """
+        if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+            raise ProtocolError("the model metadata's outputs must be a list of objects")
+        try:
+            stated = ResponseKind.parse(response) if response else None
+        except ResponseKindError as exc:
+            raise ProtocolError(f"the server names an unknown response kind: {exc}") from None
+        if embedding_output is None and stated is not None and stated.embedding:
+            embedding_output = EMBEDDING
+        if embedding_output is not None:
+            found = [o for o in outputs if o.get("name") == embedding_output]
+            if len(found) != 1:
+                raise ProtocolError(f"the model has no output '{embedding_output}' (its embedding);"
+                                    f" outputs: {[o.get('name') for o in outputs]}")
+            shape = found[0].get("shape")
+            if (not str(found[0].get("datatype", "")).startswith("FP") or not isinstance(shape, list)
+                    or len(shape) != 2 or not isinstance(shape[1], int) or shape[1] < 1):
+                raise ProtocolError(f"output '{embedding_output}' must be floats of shape [-1, D],"
+                                    f" got {found[0].get('datatype')} {shape!r:.60}")
+            rest = cls.from_metadata([o for o in outputs if o is not found[0]],
+                                     str(stated.base) if stated else None, num_classes)
+            return cls(ResponseKind(rest.kind.name, rest.kind.param, True), rest.num_classes,
+                       {**rest.names, EMBEDDING: embedding_output}, shape[1])
         def dims(o: dict) -> list[int]:
             shape = o.get("shape")
             if not isinstance(shape, list) or not all(isinstance(d, int) for d in shape):

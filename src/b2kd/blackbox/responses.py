@@ -5,6 +5,11 @@ Every response is kept in its *API form*: a float32 row of K values per image.
 and NaN where the API said nothing, ``rounded:d`` rows hold probabilities rounded
 to d decimals, and ``hard`` rows are one-hot. One dense form for every kind keeps
 the ledger, the cache and the HTTP client identical across kinds.
+
+A gray-box API also discloses the teacher's penultimate-layer embedding: the kind
+``soft+embedding`` (``embedding`` for short; any kind takes ``+embedding``) has the
+same API-form rows as its base kind, and each answer carries a float32 vector of D
+values beside them (stored apart in the ledger, :mod:`b2kd.blackbox.ledger`).
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-_PATTERN = re.compile(r"^(soft|hard|topk:(\d+)|rounded:(\d+))$")
+_PATTERN = re.compile(r"^(soft|hard|topk:(\d+)|rounded:(\d+))(\+embedding)?$")
+
+#: The suffix of a kind whose answers carry the teacher's embedding.
+EMBEDDING = "+embedding"
 
 #: Probabilities are clamped to at least this before taking logs (log 0 is -inf).
 PROB_FLOOR = 1e-6
@@ -27,28 +35,39 @@ class ResponseKindError(ValueError):
 
 @dataclass(frozen=True)
 class ResponseKind:
-    """One of ``soft``, ``topk:k``, ``rounded:d`` or ``hard``."""
+    """One of ``soft``, ``topk:k``, ``rounded:d`` or ``hard``, with or without ``+embedding``."""
 
     name: str
     param: int | None = None
+    embedding: bool = False  # each answer also carries the teacher's penultimate embedding
 
     @classmethod
     def parse(cls, text: str | ResponseKind) -> ResponseKind:
         if isinstance(text, ResponseKind):
             return text
-        match = _PATTERN.match(str(text).strip())
+        value = str(text).strip()
+        if value == "embedding":
+            value = "soft" + EMBEDDING
+        match = _PATTERN.match(value)
         if not match:
             raise ResponseKindError(
-                f"unknown response kind '{text}'; use soft, hard, topk:K or rounded:D"
+                f"unknown response kind '{text}'; use soft, hard, topk:K or rounded:D,"
+                f" optionally with {EMBEDDING} (embedding: soft{EMBEDDING})"
             )
         name = match.group(1).split(":")[0]
         param = match.group(2) or match.group(3)
         if name == "topk" and int(param) < 1:
             raise ResponseKindError("topk:K needs K >= 1")
-        return cls(name, int(param) if param is not None else None)
+        return cls(name, int(param) if param is not None else None, match.group(4) is not None)
 
     def __str__(self) -> str:
-        return self.name if self.param is None else f"{self.name}:{self.param}"
+        base = self.name if self.param is None else f"{self.name}:{self.param}"
+        return base + (EMBEDDING if self.embedding else "")
+
+    @property
+    def base(self) -> ResponseKind:
+        """The same kind without the embedding (what the probability rows follow)."""
+        return ResponseKind(self.name, self.param)
 
     @property
     def is_hard(self) -> bool:
@@ -69,13 +88,14 @@ class ResponseKind:
         top = probs.topk(k, dim=1)
         return out.scatter_(1, top.indices, top.values)
 
-    def wire_bytes(self, num_classes: int) -> int:
+    def wire_bytes(self, num_classes: int, embedding_dim: int = 0) -> int:
         """Bytes one response takes in a compact binary encoding (in-process accounting)."""
+        extra = 4 * embedding_dim if self.embedding else 0  # float32 per embedding value
         if self.name == "hard":
-            return 4  # one int32 class index
+            return 4 + extra  # one int32 class index
         if self.name == "topk":
-            return 8 * min(self.param, num_classes)  # int32 index + float32 value each
-        return 4 * num_classes  # float32 per class
+            return 8 * min(self.param, num_classes) + extra  # int32 index + float32 value each
+        return 4 * num_classes + extra  # float32 per class
 
 
 def to_probs(api: torch.Tensor, kind: ResponseKind | str) -> torch.Tensor:

@@ -88,6 +88,10 @@ class ServerSettings:
     read_timeout_s: float = 30.0  # for a request's head (connections.py) and for its body
     max_connections: int = 1000  # open connections and requests in flight (503 beyond)
     auth_failures: int = 10  # failed authentications an address may make at once (then 1 per second)
+    auth_failure_rate: float = AUTH_FAILURE_RATE  # failed authentications per second regained after that
+    # key -> the outputs it may read (a key not named reads them all): a gray-box provider may
+    # keep its embedding output to some keys, e.g. {"KEY": ["probabilities"]}
+    key_outputs: dict[str, list[str]] = field(default_factory=dict)
 
 
 class Refusal(Exception):
@@ -150,8 +154,13 @@ class ServedModel:
                  stats: InferenceStats, on_refund=lambda queries: None):
         self.backend, self.settings, self.store, self.stats = backend, settings, store, stats
         self.on_refund = on_refund
-        self.layout = Layout.of(backend.kind, backend.num_classes)
+        self.layout = Layout.of(backend.kind, backend.num_classes, backend.embedding_dim)
         self.pixels = math.prod(backend.image_shape)
+        self.allowed: dict[str, set[str]] = {}  # key id -> outputs it may read (create_app fills it)
+        unknown = {o for outs in settings.key_outputs.values() for o in outs} - set(self.layout.names.values())
+        if unknown:
+            raise ValueError(f"--key-outputs names outputs this model does not have: {sorted(unknown)};"
+                             f" it has {', '.join(self.layout.names.values())}")
         self._model_lock = threading.Lock()  # one forward at a time: torch's threads do the rest
 
     def metadata(self) -> dict:
@@ -162,7 +171,8 @@ class ServedModel:
             "inputs": [{"name": INPUT, "datatype": "UINT8", "shape": [-1, *self.backend.image_shape]}],
             "outputs": self.layout.metadata(),
             "parameters": {"response": str(self.backend.kind), "num_classes": self.backend.num_classes,
-                           "max_batch_size": self.settings.max_batch},
+                           "max_batch_size": self.settings.max_batch,
+                           **({"embedding_dim": self.backend.embedding_dim} if self.backend.embedding_dim else {})},
         }
 
     def config(self) -> dict:
@@ -191,16 +201,22 @@ class ServedModel:
             raise ProtocolError(f"input '{INPUT}' must have shape {list(shape)}, got {list(images.shape)}")
         return torch.from_numpy(images.copy())
 
-    def _outputs(self, header: dict) -> list[tuple[str, bool]]:
-        """(output name, as binary) for each output the request asks for."""
+    def _outputs(self, header: dict, kid: str = ANONYMOUS) -> list[tuple[str, bool]]:
+        """(output name, as binary) for each output the request asks for (and the key may read)."""
         params = header.get("parameters") or {}  # the v2 spec lets "parameters" be null
         if not isinstance(params, dict) or not isinstance(params.get("binary_data_output", False), bool):
             raise ProtocolError("parameters must be an object and binary_data_output a boolean")
         default = params.get("binary_data_output", False)
-        known = list(self.layout.names.values())
+        allowed = self.allowed.get(kid)
+        known = [n for n in self.layout.names.values() if allowed is None or n in allowed]
         wanted = header.get("outputs")
         if wanted is None:
             return [(name, default) for name in known]
+        forbidden = [o.get("name") for o in wanted if isinstance(o, dict)
+                     and o.get("name") in self.layout.names.values() and o.get("name") not in known]
+        if forbidden:
+            raise Refusal(403, f"this API key may not read output '{forbidden[0]}' (it may read:"
+                          f" {', '.join(known)})", "forbidden_output")
         if not isinstance(wanted, list) or not wanted or not all(isinstance(o, dict) for o in wanted):
             raise ProtocolError("outputs must be a non-empty list of objects")
         chosen = []
@@ -213,7 +229,8 @@ class ServedModel:
             chosen.append((o["name"], binary))
         return chosen
 
-    def _request(self, body: bytes, raw_length: str | None) -> tuple[str | None, torch.Tensor, list]:
+    def _request(self, body: bytes, raw_length: str | None,
+                 kid: str = ANONYMOUS) -> tuple[str | None, torch.Tensor, list]:
         """(request id, images, outputs) of a request body, or a 4xx Refusal."""
         try:  # max_elements: a request of at most max_batch images, refused (413) before allocating
             msg = decode(body, header_length(raw_length, len(body)), "inputs",
@@ -222,7 +239,7 @@ class ServedModel:
             if request_id is not None and (not isinstance(request_id, str)
                                            or not 0 < len(request_id) <= MAX_ID_LENGTH):
                 raise ProtocolError(f"id must be a string of 1 to {MAX_ID_LENGTH} characters")
-            return request_id, self._images(msg.tensors), self._outputs(msg.header)
+            return request_id, self._images(msg.tensors), self._outputs(msg.header, kid)
         except ProtocolError as exc:
             if exc.status == 413:
                 raise Refusal(413, f"{exc}; this server takes at most {self.settings.max_batch} images"
@@ -236,9 +253,9 @@ class ServedModel:
             t = time.perf_counter_ns()
             with self._model_lock:
                 phases["queue"] = (t1 := time.perf_counter_ns()) - t
-                api = self.backend.infer(images).responses
+                answer = self.backend.infer(images)
             phases["compute_infer"] = (t2 := time.perf_counter_ns()) - t1
-            arrays = self.layout.to_outputs(api)
+            arrays = self.layout.to_outputs(answer.responses, answer.embeddings)
             header = {"model_name": self.settings.model_name, "model_version": VERSION}
             if request_id is not None:
                 header["id"] = request_id
@@ -259,7 +276,7 @@ class ServedModel:
         start = time.perf_counter_ns()
         ok, n, replayed, phases = False, 0, False, {}
         try:
-            request_id, images, outputs = self._request(body, raw_length)
+            request_id, images, outputs = self._request(body, raw_length, kid)
             n, phases["compute_input"] = len(images), time.perf_counter_ns() - start
             record_id = (None if request_id is None
                          else f"{self.settings.model_name}/{self.backend.kind}/{request_id}")
@@ -297,8 +314,12 @@ def create_app(backend: LocalBackend, settings: ServerSettings | None = None) ->
     name = settings.model_name
     stats = InferenceStats(name, VERSION)
     served = ServedModel(backend, settings, store, stats, on_refund=metrics.refunded.inc)
+    unknown_keys = set(settings.key_outputs) - set(settings.api_keys)
+    if unknown_keys:
+        raise ValueError(f"--key-outputs names {len(unknown_keys)} key(s) that are not among the API keys")
+    served.allowed = {kid_of(k): set(outs) for k, outs in settings.key_outputs.items()}
     limiter = RateLimiter(settings.rate_limit, settings.burst)
-    failures = RateLimiter(AUTH_FAILURE_RATE, settings.auth_failures)
+    failures = RateLimiter(settings.auth_failure_rate, settings.auth_failures)
     max_body = settings.max_body_bytes or settings.max_batch * served.pixels * 4 + 65536
     access = AccessLog(settings.access_log, on_failure=metrics.log_failures.inc)
 

@@ -33,6 +33,7 @@ class SharedCache:
         self.kind = backend.kind
         self.num_classes = backend.num_classes
         self.image_shape = backend.image_shape
+        self.embedding_dim = getattr(backend, "embedding_dim", None)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -49,10 +50,14 @@ class SharedCache:
                     answer = self.backend.infer(images[new])
                     new_hashes = [hashes[i] for i in new]
                     self.ledger.record(new_hashes, images[new], answer.responses, kind, answer.bytes_sent,
-                                       answer.bytes_received, self.stage)
+                                       answer.bytes_received, self.stage, answer.embeddings)
                     for j, h in enumerate(new_hashes):
                         known[h] = (answer.responses[j].float().cpu(), answer.bytes_sent[j],
                                     answer.bytes_received[j])
+                embeddings = None
+                if self.kind.embedding:  # read under the lock too: another run may be writing
+                    found = self.ledger.lookup_embeddings(hashes, kind)
+                    embeddings = torch.stack([found[h] for h in hashes])
         except Timeout:
             raise TeacherUnavailable(f"the shared ledger {self.ledger.path} stayed locked by another run for"
                                      f" {self._lock.timeout:.0f} s; is a run stuck?") from None
@@ -61,4 +66,5 @@ class SharedCache:
             responses=torch.stack([r for r, _, _ in rows]),
             bytes_sent=[s for _, s, _ in rows],
             bytes_received=[r for _, _, r in rows],
+            embeddings=embeddings,
         )

@@ -96,6 +96,20 @@ class BlackBoxTeacher:
                 answer.bytes_sent,
                 answer.bytes_received,
                 self.stage,
+                answer.embeddings,
             )
             known.update(zip(chunk, answer.responses.float().cpu()))
         return torch.stack([known[h] for h in hashes])
+
+    def embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's embeddings (N, D) of images already paid with a ``+embedding`` kind;
+        NaN rows for the images that have none (answers paid with another kind, such as
+        deprivatization's). Nothing is sent."""
+        if not self.kind.embedding:
+            raise ValueError(f"the teacher answers '{self.kind}': no embedding (serve it with"
+                             " --response soft+embedding)")
+        hashes = image_hashes(images)
+        found = self.ledger.lookup_embeddings(hashes, str(self.kind))
+        dim = self.backend.embedding_dim or (len(next(iter(found.values()))) if found else 1)
+        missing = torch.full((dim,), float("nan"))
+        return torch.stack([found.get(h, missing) for h in hashes])

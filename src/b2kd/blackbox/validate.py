@@ -107,3 +107,30 @@ def softmax_of_logits(logits: torch.Tensor, source: str) -> torch.Tensor:
         raise InvalidAnswer(f"{source} sent probabilities (every row in [0, 1], summing to 1) but"
                             " teacher.output is 'logits'; set teacher.output=probabilities")
     return torch.softmax(logits, dim=1)
+
+
+#: The largest magnitude an embedding value may have: a penultimate activation is O(1-100);
+#: anything past this is a broken or hostile answer, not a feature.
+EMBEDDING_LIMIT = 1e6
+
+
+def embedding_problem(embeddings: torch.Tensor | None, n: int, dim: int | None) -> str | None:
+    """Why ``embeddings`` are not ``n`` finite vectors of ``dim`` values, or None when they are."""
+    if embeddings is None:
+        return "the answer has no embedding"
+    if embeddings.dim() != 2 or len(embeddings) != n or (dim is not None and embeddings.shape[1] != dim):
+        return f"embeddings must have shape ({n}, {dim if dim is not None else 'D'}), got {tuple(embeddings.shape)}"
+    if embeddings.shape[1] < 1:
+        return "an embedding holds at least one value"
+    values = embeddings.detach().float().cpu()
+    bad = ((~torch.isfinite(values)) | (values.abs() > EMBEDDING_LIMIT)).any(1).nonzero()
+    if len(bad):
+        return f"embedding {_row(values, int(bad[0]))}: values are finite and below {EMBEDDING_LIMIT:g} in size"
+    return None
+
+
+def check_embeddings(embeddings: torch.Tensor | None, n: int, dim: int | None, source: str) -> None:
+    """Raise :class:`InvalidAnswer` naming ``source`` when the embeddings are not usable."""
+    why = embedding_problem(embeddings, n, dim)
+    if why is not None:
+        raise InvalidAnswer(f"{source} sent an invalid embedding: {why}; nothing of it was recorded")
