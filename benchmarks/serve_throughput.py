@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from b2kd.blackbox import LocalBackend
-from b2kd.blackbox.http import HTTPTeacher
+from b2kd.edge.client import HTTPTeacher
 from b2kd.checkpoint import save_classifier
 from b2kd.config import load_config
 from b2kd.models import build_model

@@ -11,8 +11,8 @@ import torch
 import uvicorn
 
 from b2kd.blackbox import LocalBackend
-from b2kd.blackbox.connections import uvicorn_config
-from b2kd.blackbox.server import ServerSettings, create_app
+from b2kd.provider.connections import uvicorn_config
+from b2kd.provider.server import ServerSettings, create_app
 from b2kd.models import build_model
 from b2kd.serve import listen
 

@@ -89,8 +89,9 @@ def task(tmp_path_factory):
 @pytest.fixture(scope="module")
 def adapted(run, task, tmp_path_factory):
     """`b2kd adapt` on the toy run, with every way of opening a teacher made to fail."""
-    from b2kd.blackbox import BlackBoxTeacher, LocalBackend
-    from b2kd.blackbox.http import HTTPTeacher
+    from b2kd.blackbox import LocalBackend
+    from b2kd.edge import BlackBoxTeacher
+    from b2kd.edge.client import HTTPTeacher
 
     def no_teacher(*args, **kwargs):
         raise AssertionError("adapt opened a teacher")

@@ -108,7 +108,7 @@ def test_private_pool_is_seeded_capped_and_reused(tmp_path):
 
 
 def test_knockoff_pays_for_a_seeded_subset_of_the_private_images(toy_runs):
-    from b2kd.blackbox import Ledger, image_hashes
+    from b2kd.edge import Ledger, image_hashes
     from b2kd.checkpoint import read
     from b2kd.config import load_config
     from b2kd.pipeline import edge_private_images

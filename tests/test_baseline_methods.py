@@ -5,7 +5,9 @@ import math
 
 import pytest
 
-from b2kd.blackbox import BlackBoxError, Ledger
+from b2kd.blackbox import BlackBoxError
+
+from b2kd.edge import Ledger
 from b2kd.pipeline import run_distill
 
 BASELINES = ["kd", "ml", "al", "dkd"]

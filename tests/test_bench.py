@@ -11,8 +11,9 @@ from typer.testing import CliRunner
 
 from b2kd.bench import load_bench, run_bench
 from b2kd.bench_report import render_report, summarise
-from b2kd.blackbox import BlackBoxTeacher, Ledger, LocalBackend
-from b2kd.blackbox.shared import SharedCache
+from b2kd.blackbox import LocalBackend
+from b2kd.edge import BlackBoxTeacher, Ledger
+from b2kd.edge.cache import SharedCache
 from b2kd.cli import app
 from b2kd.config import ConfigError, load_config
 from b2kd.data.shift import CORRUPTIONS, corrupt, imbalance

@@ -18,8 +18,10 @@ import pytest
 import torch
 import yaml
 
-from b2kd.blackbox import Ledger, LocalBackend
-from b2kd.blackbox.shared import SharedCache
+from b2kd.blackbox import LocalBackend
+
+from b2kd.edge import Ledger
+from b2kd.edge.cache import SharedCache
 
 ray = pytest.importorskip("ray", reason="the cluster extra: pip install 'b2kd[cluster]'")
 

@@ -1,14 +1,8 @@
 import pytest
 import torch
 
-from b2kd.blackbox import (
-    BlackBoxError,
-    BlackBoxTeacher,
-    BudgetExceeded,
-    Ledger,
-    LocalBackend,
-    image_hashes,
-)
+from b2kd.blackbox import BlackBoxError, BudgetExceeded, LocalBackend
+from b2kd.edge import BlackBoxTeacher, Ledger, image_hashes
 from b2kd.models import build_model
 
 

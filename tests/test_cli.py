@@ -23,7 +23,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from b2kd.blackbox import Ledger
+from b2kd.edge import Ledger
 from b2kd.checkpoint import read
 from b2kd.cli import app
 from b2kd.config import load_config

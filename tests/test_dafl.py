@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from b2kd.blackbox import BlackBoxError, BlackBoxTeacher, Ledger, LocalBackend, ResponseKind
+from b2kd.blackbox import BlackBoxError, LocalBackend, ResponseKind
+
+from b2kd.edge import BlackBoxTeacher, Ledger
 from b2kd.checkpoint import load_classifier
 from b2kd.config import ConfigError, DistillConfig
 from b2kd.methods import get_method

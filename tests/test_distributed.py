@@ -64,7 +64,7 @@ def _rank_pid(launcher: int, rank: int) -> int | None:
 
 
 def _server_used(server_dir: Path, key: str) -> int:
-    from b2kd.blackbox.keys import key_id, load_secret
+    from b2kd.provider.keys import key_id, load_secret
 
     with sqlite3.connect(server_dir / "state.sqlite") as db:
         kid = key_id(key, load_secret(server_dir / "secret", create=False))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from b2kd.blackbox import image_hashes
+from b2kd.edge import image_hashes
 from b2kd.checkpoint import read
 from b2kd.cli import app
 from b2kd.config import ConfigError

@@ -10,9 +10,11 @@ from served import ThreadServer, images, toy_model
 from test_cli import assert_ok, assert_user_error, invoke, ledger_rows
 from toy import make_toy
 
-from b2kd.blackbox import BlackBoxTeacher, Ledger, LocalBackend, ResponseKind
-from b2kd.blackbox.http import HTTPTeacher
-from b2kd.blackbox.ledger import PoisonedLedger
+from b2kd.blackbox import LocalBackend, ResponseKind
+
+from b2kd.edge import BlackBoxTeacher, Ledger
+from b2kd.edge.client import HTTPTeacher
+from b2kd.edge.ledger import PoisonedLedger
 from b2kd.blackbox.protocol import EMBEDDING, Layout, ProtocolError
 from b2kd.blackbox.validate import InvalidAnswer, embedding_problem
 from b2kd.feature_match import FeatureMatch

@@ -18,8 +18,10 @@ from hostile import METADATA, Hostile, answer, refuse, request_of, uniform
 from test_cli import assert_user_error, invoke, ledger_rows
 from toy import make_toy, toy_model
 
-from b2kd.blackbox import BlackBoxError, BlackBoxTeacher, Ledger, TeacherRefused, TeacherUnavailable
-from b2kd.blackbox.http import HTTPTeacher
+from b2kd.blackbox import BlackBoxError, TeacherRefused, TeacherUnavailable
+
+from b2kd.edge import BlackBoxTeacher, Ledger
+from b2kd.edge.client import HTTPTeacher
 from b2kd.blackbox.validate import InvalidAnswer
 
 FAST = {"backoff": 0.05, "max_wait": 0.2, "max_total_wait": 2.0, "retries": 2}
@@ -213,7 +215,7 @@ def test_a_fixed_batch_dimension_is_filled_and_only_real_images_are_answered():
 def test_only_finite_retry_after_values_are_taken(header, expected):
     import httpx
 
-    from b2kd.blackbox.http import retry_after
+    from b2kd.edge.client import retry_after
 
     assert retry_after(httpx.Response(429, headers={"Retry-After": header})) == expected
 
@@ -253,7 +255,7 @@ def test_waiting_longer_than_the_total_is_refused_at_once_with_the_figure():
     ("http://10.0.0.5:8000", None, False),
 ])
 def test_a_key_sent_over_plain_http_to_another_host_is_warned_about(url, key, warned):
-    from b2kd.blackbox.http import key_exposure
+    from b2kd.edge.client import key_exposure
 
     message = key_exposure(url, key)
     assert (message is not None) == warned

@@ -19,9 +19,11 @@ from served import ThreadServer, images, toy_model
 from test_cli import assert_ok, assert_user_error, invoke, ledger_rows
 from toy import make_toy
 
-from b2kd.blackbox import BlackBoxError, BlackBoxTeacher, Ledger, LocalBackend, image_hashes
-from b2kd.blackbox.http import HTTPTeacher, retry_after, split_url
-from b2kd.blackbox.keys import key_id, load_secret
+from b2kd.blackbox import BlackBoxError, LocalBackend
+
+from b2kd.edge import BlackBoxTeacher, Ledger, image_hashes
+from b2kd.edge.client import HTTPTeacher, retry_after, split_url
+from b2kd.provider.keys import key_id, load_secret
 from b2kd.pool import pay
 from b2kd.serve import ServedTeacher
 

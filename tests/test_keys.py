@@ -10,15 +10,15 @@ import pytest
 from served import toy_model
 
 from b2kd.blackbox import LocalBackend
-from b2kd.blackbox.keys import (
+from b2kd.provider.keys import (
     KeySetupError,
     key_id,
     load_secret,
     parse_api_keys,
     server_keys,
 )
-from b2kd.blackbox.server import ServerSettings, create_app
-from b2kd.blackbox.store import StoreError
+from b2kd.provider.server import ServerSettings, create_app
+from b2kd.provider.store import StoreError
 from b2kd.checkpoint import save_classifier
 from b2kd.config import Config
 from b2kd.serve import serve

@@ -116,7 +116,7 @@ def _distil(toy_runs, tmp_path, name, **distill):
 
 
 def test_local_unlabelled_never_sends_a_private_image(toy_runs, tmp_path):
-    from b2kd.blackbox import Ledger
+    from b2kd.edge import Ledger
     from b2kd.checkpoint import read
     from b2kd.pipeline import edge_private_images
 
@@ -128,7 +128,7 @@ def test_local_unlabelled_never_sends_a_private_image(toy_runs, tmp_path):
     pool = read(tmp_path / "semi" / "pool.pt", "pool")
     assert pool["source"] == "generator" and len(sent) == summary["queries"] == cfg.distill.budget
     # every sent image is a pool image, i.e. a generator sample
-    from b2kd.blackbox.ledger import image_hashes
+    from b2kd.edge.ledger import image_hashes
 
     assert set(hashes) <= set(image_hashes(pool["images"]))
     history = summary["history"]
@@ -147,14 +147,14 @@ def test_reuse_setup_adds_paid_answers_without_queries(toy_runs, tmp_path):
 def read_gan_queries(toy_runs):
     from pathlib import Path
 
-    from b2kd.blackbox import Ledger
+    from b2kd.edge import Ledger
 
     with Ledger(Path(toy_runs["generator"]).parent / "ledger.sqlite") as ledger:
         return ledger.count()
 
 
 def test_balanced_pool_spends_the_budget_once(toy_runs, tmp_path):
-    from b2kd.blackbox import Ledger
+    from b2kd.edge import Ledger
     from b2kd.checkpoint import read
 
     summary, cfg = _distil(toy_runs, tmp_path, "balanced", pool="balanced", balance_fit_steps=5)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from b2kd.blackbox import Ledger, image_hashes
+from b2kd.edge import Ledger, image_hashes
 from b2kd.pool_labels import (
     NOT_TEST_ACCURACY,
     markdown,

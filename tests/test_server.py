@@ -13,8 +13,10 @@ import pytest
 import torch
 from served import ThreadServer, images, raw_head, raw_request, read_status, toy_model
 
-from b2kd.blackbox import BlackBoxTeacher, Ledger, LocalBackend, QuotaExceeded
-from b2kd.blackbox.http import HTTPTeacher
+from b2kd.blackbox import LocalBackend, QuotaExceeded
+
+from b2kd.edge import BlackBoxTeacher, Ledger
+from b2kd.edge.client import HTTPTeacher
 from b2kd.blackbox.protocol import HEADER_LENGTH, Tensor, encode
 
 KEY, OTHER = "sk-test-key", "sk-other-key"

@@ -17,9 +17,9 @@ import pytest
 from postgres_server import fresh_database, postgres_bin, postgres_server
 from served import ThreadServer, images, toy_model
 
-from b2kd.blackbox.keys import load_secret
+from b2kd.provider.keys import load_secret
 from b2kd.blackbox.protocol import HEADER_LENGTH, Tensor, encode
-from b2kd.blackbox.store import (
+from b2kd.provider.store import (
     Answer,
     QuotaExhausted,
     RequestIdReused,

@@ -22,8 +22,10 @@ import torch
 from test_cli import assert_ok, assert_user_error, invoke, ledger_rows
 from toy import make_toy, toy_model
 
-from b2kd.blackbox import BlackBoxError, Ledger, LocalBackend, TeacherRefused
-from b2kd.blackbox.http import HTTPTeacher
+from b2kd.blackbox import BlackBoxError, LocalBackend, TeacherRefused
+
+from b2kd.edge import Ledger
+from b2kd.edge.client import HTTPTeacher
 from b2kd.blackbox.validate import InvalidAnswer
 
 pytest.importorskip("kserve")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from b2kd.blackbox import Ledger, image_hashes
+from b2kd.edge import Ledger, image_hashes
 from b2kd.config import Config, ConfigError
 from b2kd.data import edge_split, load_dataset, private_images
 from b2kd.grid import save_grid

@@ -245,7 +245,7 @@ def _generator(bench, base, gap, seed, teacher, gan_dir: Path, log, run_deprivat
         spec = MethodSpec(name="mekd")
         cfg = cell_config(bench, base, gap, spec, "soft", bench.budgets[0], seed, teacher, None)
         run_deprivatize(cfg, gan_dir, log=lambda *_: None)
-    from b2kd.blackbox import Ledger
+    from b2kd.edge import Ledger
 
     with Ledger(gan_dir / "ledger.sqlite") as ledger:
         return str(path), ledger.count()

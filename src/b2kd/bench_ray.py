@@ -13,7 +13,7 @@ Order of work:
    cuda, else one CPU), all in flight at once; Ray places them.
 
 Cells of one (gap, seed) share its response ledger while they run at the same time.
-That ledger is written under a file lock (:class:`b2kd.blackbox.shared.SharedCache`):
+That ledger is written under a file lock (:class:`b2kd.edge.cache.SharedCache`):
 an image is paid by whichever cell asks first and read by the others, so the sweep
 pays what the sequential bench pays, and each cell still counts every query it used.
 Every process must see OUT at the same path (one machine, or a shared file system),

@@ -225,7 +225,7 @@ app.add_typer(ledger_app, name="ledger")
 def ledger_clean(run: Annotated[Path, typer.Argument(help="a run directory, or a ledger .sqlite file")]):
     """Remove the answers a ledger holds that are no valid response (NaN, inf, logits taken for
     probabilities, ...): a ledger refuses to serve them until then. They are paid for again."""
-    from b2kd.blackbox.ledger import clean_ledger
+    from b2kd.edge.ledger import clean_ledger
 
     path, removed, kept = clean_ledger(run)
     console.print(f"{path}: removed {removed} invalid answers, kept {kept}", markup=False, highlight=False)

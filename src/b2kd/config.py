@@ -49,7 +49,7 @@ class TeacherConfig(_Section):
     api_key: str | None = None  # sent as 'Authorization: Bearer KEY'; never written to config.yaml
     binary: bool = True  # images as raw bytes (binary tensor extension), not JSON lists
     shared_cache: str | None = None  # a ledger of responses paid once and reused across runs (bench)
-    # a served model's inputs and answers (b2kd.blackbox.preprocess, README "Any provider"):
+    # a served model's inputs and answers (b2kd.edge.preprocess, README "Any provider"):
     # FP32/FP16 inputs get (pixel * scale - mean) / std per channel, from a preset and/or the keys
     input_preset: str | None = None  # raw, unit, symmetric, mnist, cifar10, imagenet
     input_scale: float | None = None

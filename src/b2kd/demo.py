@@ -53,7 +53,7 @@ def _serve_locally(cfg: Config, out: Path, servers: ExitStack, log) -> dict[str,
 
 def _served_elsewhere(cfg: Config) -> dict[str, str]:
     """A teacher at ``teacher.url``: its one response kind is what every stage asks for."""
-    from b2kd.blackbox.http import HTTPTeacher
+    from b2kd.edge.client import HTTPTeacher
 
     with HTTPTeacher.from_config(cfg.teacher) as api:
         kind = str(api.kind)

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from b2kd import distributed
-from b2kd.blackbox import BlackBoxTeacher, to_probs
+from b2kd.blackbox import to_probs
+from b2kd.edge import BlackBoxTeacher
 from b2kd.checkpoint import atomic_save, read, save_generator
 from b2kd.config import DeprivatizeConfig
 from b2kd.diffaugment import diff_augment

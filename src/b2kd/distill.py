@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from b2kd import distributed
-from b2kd.blackbox import BlackBoxTeacher, top1
+from b2kd.blackbox import top1
+from b2kd.edge import BlackBoxTeacher
 from b2kd.config import Config
 from b2kd.data import Augment
 from b2kd.data.augment import StrongAugment

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from b2kd.blackbox import BlackBoxTeacher, Ledger, top1
+from b2kd.blackbox import top1
+
+from b2kd.edge import BlackBoxTeacher, Ledger
 from b2kd.config import ConfigError
 from b2kd.evaluate import accuracy, predict
 
@@ -30,7 +32,7 @@ def evaluate_with_paid_fidelity(run_dir: str | Path, n: int, api_key: str | None
                                 log=print) -> dict:
     """The run's report (b2kd.pipeline.run_evaluate), with teacher accuracy and fidelity from N paid
     test images when the run has no local teacher checkpoint."""
-    from b2kd.blackbox.http import HTTPTeacher
+    from b2kd.edge.client import HTTPTeacher
     from b2kd.checkpoint import load_classifier
     from b2kd.data import load_dataset
     from b2kd.pipeline import load_run_config, run_evaluate

@@ -14,8 +14,9 @@ from typing import Self
 import torch
 
 from b2kd import __version__, distributed
-from b2kd.blackbox import BlackBoxTeacher, Ledger, LocalBackend, ResponseKind
-from b2kd.blackbox.shared import SharedCache
+from b2kd.blackbox import LocalBackend, ResponseKind
+from b2kd.edge import BlackBoxTeacher, Ledger
+from b2kd.edge.cache import SharedCache
 from b2kd.checkpoint import CheckpointError, load_classifier, load_generator
 from b2kd.config import Config, ConfigError, save_config
 from b2kd.data import dev_split, edge_split, load_dataset, private_images
@@ -73,7 +74,7 @@ def open_teacher(cfg: Config, run_dir: Path, response: str, budget: int | None, 
     """
     kind = ResponseKind.parse(response)
     if cfg.teacher.url:
-        from b2kd.blackbox.http import HTTPTeacher
+        from b2kd.edge.client import HTTPTeacher
 
         backend = HTTPTeacher.from_config(cfg.teacher)
         if backend.kind.embedding and backend.kind.base == kind:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from b2kd.blackbox import BlackBoxTeacher
+from b2kd.edge import BlackBoxTeacher
 from b2kd.checkpoint import atomic_save, read
 from b2kd.data.augment import random_crop
 from b2kd.models import quantize_uint8
@@ -114,7 +114,8 @@ def setup_answers(ledger_path: str | Path, gan_kind, kind) -> tuple[torch.Tensor
     probabilities are functions of the full vector); hard setup answers give only hard.
     None when the ledger is missing, kept no images, or its answers cannot serve ``kind``.
     """
-    from b2kd.blackbox import Ledger, ResponseKind, to_probs
+    from b2kd.blackbox import ResponseKind, to_probs
+    from b2kd.edge import Ledger
 
     gan_kind, kind = ResponseKind.parse(gan_kind), ResponseKind.parse(kind)
     if not Path(ledger_path).is_file() or (gan_kind != kind and gan_kind.name != "soft"):

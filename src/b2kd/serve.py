@@ -47,10 +47,10 @@ def serve(cfg: Config, log=print) -> None:
     """
     import uvicorn
 
-    from b2kd.blackbox.connections import uvicorn_config
-    from b2kd.blackbox.keys import load_secret, parse_key_outputs, server_keys
-    from b2kd.blackbox.server import ServerSettings, create_app
-    from b2kd.blackbox.store_postgres import redact
+    from b2kd.provider.connections import uvicorn_config
+    from b2kd.provider.keys import load_secret, parse_key_outputs, server_keys
+    from b2kd.provider.server import ServerSettings, create_app
+    from b2kd.provider.store_postgres import redact
     from b2kd.pipeline import prepare_run
 
     s = cfg.serve

@@ -1,4 +1,10 @@
-"""The black-box boundary: everything that crosses from the edge to the cloud goes through here."""
+"""The black-box boundary both sides share: what a teacher answers and how it travels.
+
+The response kinds (:mod:`.responses`), the wire protocol (:mod:`.protocol`), the checks
+every answer passes (:mod:`.validate`), the backend interface and its errors (:mod:`.base`)
+and the in-process backend (:mod:`.local`). The provider's side (server, quotas, keys,
+metrics) is :mod:`b2kd.provider`; the edge's (client, ledger, cache, budget) :mod:`b2kd.edge`.
+"""
 
 from b2kd.blackbox.base import (
     Backend,
@@ -9,8 +15,6 @@ from b2kd.blackbox.base import (
     TeacherRefused,
     TeacherUnavailable,
 )
-from b2kd.blackbox.http import HTTPTeacher
-from b2kd.blackbox.ledger import Ledger, image_hashes
 from b2kd.blackbox.local import LocalBackend
 from b2kd.blackbox.responses import (
     ResponseKind,
@@ -20,16 +24,12 @@ from b2kd.blackbox.responses import (
     to_probs,
     top1,
 )
-from b2kd.blackbox.teacher import BlackBoxTeacher
 
 __all__ = [
     "Backend",
     "BackendAnswer",
     "BlackBoxError",
-    "BlackBoxTeacher",
     "BudgetExceeded",
-    "HTTPTeacher",
-    "Ledger",
     "LocalBackend",
     "QuotaExceeded",
     "ResponseKind",
@@ -37,7 +37,6 @@ __all__ = [
     "TeacherRefused",
     "TeacherUnavailable",
     "centre",
-    "image_hashes",
     "teacher_logits",
     "to_probs",
     "top1",

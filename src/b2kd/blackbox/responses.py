@@ -9,7 +9,7 @@ the ledger, the cache and the HTTP client identical across kinds.
 A gray-box API also discloses the teacher's penultimate-layer embedding: the kind
 ``soft+embedding`` (``embedding`` for short; any kind takes ``+embedding``) has the
 same API-form rows as its base kind, and each answer carries a float32 vector of D
-values beside them (stored apart in the ledger, :mod:`b2kd.blackbox.ledger`).
+values beside them (stored apart in the ledger, :mod:`b2kd.edge.ledger`).
 """
 
 from __future__ import annotations

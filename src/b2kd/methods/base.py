@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from b2kd.blackbox import BlackBoxError, BlackBoxTeacher, ResponseKind, teacher_logits
+from b2kd.blackbox import BlackBoxError, ResponseKind, teacher_logits
+
+from b2kd.edge import BlackBoxTeacher
 from b2kd.config import DistillConfig
 from b2kd.losses import kd_kl
 

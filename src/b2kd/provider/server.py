@@ -3,7 +3,7 @@
 ``create_app`` wraps an in-process backend (its response kind is the
 provider's choice) in a FastAPI app with the protocol's endpoints, Triton's
 model configuration and inference statistics, plus what a paid API needs: API
-keys with quotas (:mod:`b2kd.blackbox.store`), a per-key rate limit (429 +
+keys with quotas (:mod:`b2kd.provider.store`), a per-key rate limit (429 +
 ``Retry-After``), a limit on failed authentications per client address,
 limits on batch and body size (413, counted after gzip/deflate decompression),
 a body read timeout (408), idempotent request ids, a JSON-lines access log
@@ -35,11 +35,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from b2kd import __version__
-from b2kd.blackbox.access_log import AccessLog
-from b2kd.blackbox.body import BodyError, read_body
-from b2kd.blackbox.keys import key_id, legacy_key_id, secret_check
+from b2kd.provider.access_log import AccessLog
+from b2kd.provider.body import BodyError, read_body
+from b2kd.provider.keys import key_id, legacy_key_id, secret_check
 from b2kd.blackbox.local import LocalBackend
-from b2kd.blackbox.metrics import CONTENT_TYPE, Metrics
+from b2kd.provider.metrics import CONTENT_TYPE, Metrics
 from b2kd.blackbox.protocol import (
     HEADER_LENGTH,
     MAX_ID_LENGTH,
@@ -50,8 +50,8 @@ from b2kd.blackbox.protocol import (
     encode,
     header_length,
 )
-from b2kd.blackbox.stats import InferenceStats
-from b2kd.blackbox.store import (
+from b2kd.provider.stats import InferenceStats
+from b2kd.provider.store import (
     ANONYMOUS,
     Answer,
     QuotaExhausted,

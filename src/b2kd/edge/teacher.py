@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from b2kd.blackbox.base import Backend, BudgetExceeded
-from b2kd.blackbox.ledger import Ledger, image_hashes
+from b2kd.edge.ledger import Ledger, image_hashes
 
 
 class BlackBoxTeacher:

@@ -17,7 +17,7 @@ without a second charge; a reservation without an id is refunded once it is
 Every transaction of a key starts by locking the key's row (SQLite: the
 whole database, ``BEGIN IMMEDIATE``; PostgreSQL: ``SELECT ... FOR UPDATE``),
 so the same code is atomic on both. :class:`SQLiteStore` serves one host;
-:class:`b2kd.blackbox.store_postgres.PostgresStore` serves several.
+:class:`b2kd.provider.store_postgres.PostgresStore` serves several.
 """
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ class SQLiteStore(Store):
 def open_store(location: str | Path, quotas: dict[str, int | None], **kw) -> Store:
     """A PostgreSQL store for a ``postgresql://`` URL, else an SQLite file (or ``:memory:``)."""
     if str(location).startswith(("postgresql://", "postgres://")):
-        from b2kd.blackbox.store_postgres import PostgresStore
+        from b2kd.provider.store_postgres import PostgresStore
 
         return PostgresStore(str(location), quotas, **kw)
     return SQLiteStore(location, quotas, **kw)

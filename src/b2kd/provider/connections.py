@@ -7,7 +7,7 @@ half a header, held a connection for ever (slowloris). :class:`HeadTimeoutH11`
 closes a connection that has not completed a request head within
 ``head_timeout_s`` of connecting or of its previous answer; while the app
 handles a request it is left alone (the app bounds the body read itself, see
-:mod:`b2kd.blackbox.body`).
+:mod:`b2kd.provider.body`).
 """
 
 from __future__ import annotations

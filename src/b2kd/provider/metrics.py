@@ -3,7 +3,7 @@
 Counters and the latency histogram are updated as requests are answered;
 quota use and the count of replay records are read from the store when
 ``/metrics`` is scraped, which the server does in a worker thread (never on
-the event loop). Keys appear only as key ids (:mod:`b2kd.blackbox.keys`).
+the event loop). Keys appear only as key ids (:mod:`b2kd.provider.keys`).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from b2kd.blackbox.base import Backend, BackendAnswer, TeacherUnavailable
-from b2kd.blackbox.ledger import Ledger, image_hashes
+from b2kd.edge.ledger import Ledger, image_hashes
 
 
 class SharedCache:

@@ -6,7 +6,7 @@ and shape (UINT8, FP32 or FP16; ``[-1, C, H, W]`` or a fixed batch size) and
 the response kind; from ``/v2/models/NAME/config``, when the server has it
 (Triton), the largest batch. uint8 images travel as they are (1 byte per
 pixel with the binary tensor extension, unless told to use JSON), or as the
-normalised floats the model takes (b2kd.blackbox.preprocess: 4 bytes per
+normalised floats the model takes (b2kd.edge.preprocess: 4 bytes per
 pixel for FP32). Answers are logits or probabilities as ``output`` states,
 and every answer is validated (b2kd.blackbox.validate) before it is returned.
 
@@ -46,7 +46,7 @@ from b2kd.blackbox.base import (
     TeacherRefused,
     TeacherUnavailable,
 )
-from b2kd.blackbox.preprocess import Preprocess, PreprocessError
+from b2kd.edge.preprocess import Preprocess, PreprocessError
 from b2kd.blackbox.protocol import (
     HEADER_LENGTH,
     Layout,
@@ -151,7 +151,7 @@ class HTTPTeacher:
     """A teacher behind an Open Inference Protocol server: ``infer(uint8 images) -> BackendAnswer``.
 
     ``input_preset`` / ``input_scale`` / ``input_mean`` / ``input_std`` say how
-    pixels become a float model's inputs (b2kd.blackbox.preprocess); ``output``
+    pixels become a float model's inputs (b2kd.edge.preprocess); ``output``
     is ``probabilities`` or ``logits`` (turned into probabilities by a softmax).
     """
 
