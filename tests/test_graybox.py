@@ -251,3 +251,34 @@ def test_serve_embedding_cli_then_distill_with_feature_matching(toy, tmp_path):
     summary = json.loads((out / "distill.json").read_text())
     assert (summary["embedding_dim"], summary["with_embedding"]) == (84, 200)
     assert json.loads((plain_out / "distill.json").read_text())["embedding_dim"] is None
+
+
+def test_engine_saves_and_restores_the_projection(tmp_path):
+    """A resumed gray-box run continues with its trained projection, not a fresh one."""
+    from b2kd.engine import Engine, make_optimizer, make_step_scheduler
+
+    def engine(model, proj):
+        opt = make_optimizer(model, 0.1, 0.9, 0.0)
+        opt.add_param_group({"params": list(proj.parameters())})
+        sched = make_step_scheduler(opt, "cosine", 4)
+        return Engine(tmp_path, model, opt, sched, 2, seed=0, select="last", schedule_per="step",
+                      extras={"feature_projection": proj})
+
+    torch.manual_seed(0)
+    model, proj = toy_model(), torch.nn.Linear(84, 7)
+    first = engine(model, proj)
+
+    def epoch(e, rng):
+        first.optimizer.zero_grad()
+        (model(images(4)).sum() + proj(torch.ones(1, 84)).sum()).backward()
+        first.optimizer.step()
+        return {"loss": 0.0}
+
+    first.epochs = 1
+    first.run(epoch)
+    trained = {k: v.clone() for k, v in proj.state_dict().items()}
+    torch.manual_seed(1)
+    fresh = torch.nn.Linear(84, 7)
+    again = engine(toy_model(), fresh)
+    assert again.resume() and again.start_epoch == 1
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in trained.items())
