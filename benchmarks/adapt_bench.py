@@ -23,9 +23,9 @@ the pool the shots are drawn from) and ``new-test.npz`` (test digits 5-9). The t
 GAN and the MEKD student are trained once (the config's seed); a seed varies the shots drawn
 and the training of the head, the fine-tuning and the scratch student. Nothing is chosen on
 a test set: every model is the last state of a fixed schedule. Finished stages and cells are
-read back. Example (the full experiment; hours on a 2-core CPU, minutes on a GPU):
+read back. Example (the full experiment; about 25 minutes on the 2-core CPU with --graybox):
 
-    .venv/bin/python benchmarks/adapt_bench.py --out runs/adapt-bench
+    .venv/bin/python benchmarks/adapt_bench.py --out runs/adapt-bench --graybox threads=1
 
 A tiny run that only proves the plumbing (a minute on a CPU):
 
@@ -138,16 +138,21 @@ def scratch(run: Path, data: dict[str, Path], shots: int, seed: int, steps: int,
     return accuracy(predict(model, test.images), test.labels)
 
 
+def adapted(run: Path, data: dict[str, Path], shots: int, seed: int, args, where: Path) -> dict:
+    """`b2kd adapt` of one distilled run for one (K, seed): its report."""
+    # the run's config, with this invocation's adapt.*, threads and device (the run may be read back)
+    again = [o for o in args.overrides if o.startswith(("adapt.", "threads=", "device="))]
+    cfg = load_config(run / "config.yaml", overrides=[*again, f"adapt.test={data['new-test']}",
+                                                      f"adapt.seed={seed}"])
+    return adapt_run(run, data["new-train"], shots, where, cfg, log=quiet)
+
+
 def cell(out: Path, run: Path, data: dict[str, Path], shots: int, seed: int, args) -> list[dict]:
     """The three methods for one (K, seed): rows, read back when the cell is done."""
     path = out / "cells" / f"k{shots}-s{seed}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    # the run's config, with this invocation's adapt.*, threads and device (the run may be read back)
-    again = [o for o in args.overrides if o.startswith(("adapt.", "threads=", "device="))]
-    cfg = load_config(run / "config.yaml", overrides=[*again, f"adapt.test={data['new-test']}",
-                                                      f"adapt.seed={seed}"])
-    report = adapt_run(run, data["new-train"], shots, out / "adapt" / f"k{shots}-s{seed}", cfg, log=quiet)
+    report = adapted(run, data, shots, seed, args, out / "adapt" / f"k{shots}-s{seed}")
     old = report["old_task"]
     start = time.perf_counter()
     scratch_acc = scratch(run, data, shots, seed, args.scratch_steps, args.scratch_lr)
@@ -170,11 +175,7 @@ def graybox_cell(out: Path, run: Path, data: dict[str, Path], shots: int, seed: 
     path = out / "cells" / f"k{shots}-s{seed}-graybox.json"
     if path.is_file():
         return json.loads(path.read_text())
-    again = [o for o in args.overrides if o.startswith(("adapt.", "threads=", "device="))]
-    cfg = load_config(run / "config.yaml", overrides=[*again, f"adapt.test={data['new-test']}",
-                                                      f"adapt.seed={seed}"])
-    report = adapt_run(run, data["new-train"], shots, out / "adapt-graybox" / f"k{shots}-s{seed}", cfg,
-                       log=quiet)
+    report = adapted(run, data, shots, seed, args, out / "adapt-graybox" / f"k{shots}-s{seed}")
     old = report["old_task"]
     rows = [
         {"method": "graybox head", "new_acc": report["new_task"]["head_acc"], "old_before": old["before_acc"],

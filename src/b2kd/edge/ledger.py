@@ -49,6 +49,10 @@ CREATE TABLE IF NOT EXISTS queries (
 EVALUATION_STAGES = ("fidelity",)
 
 
+def _floats(blob: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy())
+
+
 class PoisonedLedger(BlackBoxError):
     """A ledger holding answers that are no valid response (it will not serve them)."""
 
@@ -91,37 +95,27 @@ class Ledger:
         """Cached responses for the hashes already paid for with this response kind."""
         return {h: response for h, (response, _, _) in self.lookup_rows(hashes, kind).items()}
 
-    def lookup_rows(self, hashes: list[str], kind: str) -> dict[str, tuple[torch.Tensor, int, int]]:
-        """Cached (response, bytes sent, bytes received) for the hashes already paid for with this kind."""
-        found: dict[str, tuple[torch.Tensor, int, int]] = {}
+    def _select(self, hashes: list[str], kind: str, columns: str, where: str = ""):
+        """Rows (hash, *columns) of this kind for the given hashes, 500 hashes a statement."""
         unique = list(dict.fromkeys(hashes))
         for start in range(0, len(unique), 500):
             chunk = unique[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(
-                "SELECT hash, response, bytes_sent, bytes_received FROM queries"
-                f" WHERE kind = ? AND hash IN ({marks})",
+            yield from self._db.execute(
+                f"SELECT hash, {columns} FROM queries WHERE kind = ? {where} AND hash IN ({marks})",
                 [kind, *chunk],
             )
-            for h, blob, sent, received in rows:
-                found[h] = (torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy()), sent, received)
+
+    def lookup_rows(self, hashes: list[str], kind: str) -> dict[str, tuple[torch.Tensor, int, int]]:
+        """Cached (response, bytes sent, bytes received) for the hashes already paid for with this kind."""
+        found = {h: (_floats(blob), sent, received) for h, blob, sent, received
+                 in self._select(hashes, kind, "response, bytes_sent, bytes_received")}
         self._refuse_invalid([r for r, _, _ in found.values()], kind)
         return found
 
     def lookup_embeddings(self, hashes: list[str], kind: str) -> dict[str, torch.Tensor]:
         """The embeddings stored with the answers of a ``+embedding`` kind, for the hashes that have one."""
-        found: dict[str, torch.Tensor] = {}
-        unique = list(dict.fromkeys(hashes))
-        for start in range(0, len(unique), 500):
-            chunk = unique[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            rows = self._db.execute(
-                "SELECT hash, embedding FROM queries"
-                f" WHERE kind = ? AND embedding IS NOT NULL AND hash IN ({marks})",
-                [kind, *chunk],
-            )
-            for h, blob in rows:
-                found[h] = torch.from_numpy(np.frombuffer(blob, dtype=np.float32).copy())
+        found = {h: _floats(blob) for h, blob in self._select(hashes, kind, "embedding", "AND embedding IS NOT NULL")}
         if found:
             vectors = list(found.values())
             why = ("embeddings of different lengths" if len({len(v) for v in vectors}) > 1
