@@ -46,7 +46,7 @@ def _pay(ledger: str, images: str, barrier, count: str) -> None:
     backend = _Counting(LocalBackend(toy_model(), "soft"))
     cache = SharedCache(backend, Ledger(ledger), "distill")
     pool = torch.load(images)
-    barrier.wait(timeout=120)
+    barrier.wait(timeout=600)  # a loaded machine may take minutes to start a spawned torch process
     for chunk in pool.split(16):
         cache.infer(chunk)
     Path(count).write_text(str(backend.sent))
@@ -62,7 +62,7 @@ def test_two_processes_paying_for_the_same_images_at_once_send_each_image_once(t
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=180)
+        p.join(timeout=900)
         assert p.exitcode == 0
     sent = [int((tmp_path / f"sent-{i}").read_text()) for i in range(2)]
     assert sum(sent) == 64, sent  # without the lock both pay for most chunks (measured: 128)
