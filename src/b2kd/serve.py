@@ -48,7 +48,7 @@ def serve(cfg: Config, log=print) -> None:
     import uvicorn
 
     from b2kd.provider.connections import uvicorn_config
-    from b2kd.provider.keys import load_secret, parse_key_outputs, server_keys
+    from b2kd.provider.keys import KeySetupError, load_secret, parse_key_outputs, server_keys
     from b2kd.provider.server import ServerSettings, create_app
     from b2kd.provider.store_postgres import redact
     from b2kd.pipeline import prepare_run
@@ -74,7 +74,7 @@ def serve(cfg: Config, log=print) -> None:
     )
     try:
         app = create_app(backend, settings)  # opens the store: a wrong secret or URL ends here
-    except ValueError as exc:  # outputs or keys of --key-outputs that do not exist
+    except KeySetupError as exc:  # outputs or keys of --key-outputs that do not exist
         raise ConfigError(str(exc)) from None
     sock = listen(s.host, s.port)
     host, port = sock.getsockname()[:2]

@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException
 from b2kd import __version__
 from b2kd.provider.access_log import AccessLog
 from b2kd.provider.body import BodyError, read_body
-from b2kd.provider.keys import key_id, legacy_key_id, secret_check
+from b2kd.provider.keys import KeySetupError, key_id, legacy_key_id, secret_check
 from b2kd.blackbox.local import LocalBackend
 from b2kd.provider.metrics import CONTENT_TYPE, Metrics
 from b2kd.blackbox.protocol import (
@@ -159,7 +159,7 @@ class ServedModel:
         self.allowed: dict[str, set[str]] = {}  # key id -> outputs it may read (create_app fills it)
         unknown = {o for outs in settings.key_outputs.values() for o in outs} - set(self.layout.names.values())
         if unknown:
-            raise ValueError(f"--key-outputs names outputs this model does not have: {sorted(unknown)};"
+            raise KeySetupError(f"--key-outputs names outputs this model does not have: {sorted(unknown)};"
                              f" it has {', '.join(self.layout.names.values())}")
         self._model_lock = threading.Lock()  # one forward at a time: torch's threads do the rest
 
@@ -212,13 +212,13 @@ class ServedModel:
         wanted = header.get("outputs")
         if wanted is None:
             return [(name, default) for name in known]
-        forbidden = [o.get("name") for o in wanted if isinstance(o, dict)
-                     and o.get("name") in self.layout.names.values() and o.get("name") not in known]
+        if not isinstance(wanted, list) or not wanted or not all(isinstance(o, dict) for o in wanted):
+            raise ProtocolError("outputs must be a non-empty list of objects")
+        forbidden = [o.get("name") for o in wanted
+                     if o.get("name") in self.layout.names.values() and o.get("name") not in known]
         if forbidden:
             raise Refusal(403, f"this API key may not read output '{forbidden[0]}' (it may read:"
                           f" {', '.join(known)})", "forbidden_output")
-        if not isinstance(wanted, list) or not wanted or not all(isinstance(o, dict) for o in wanted):
-            raise ProtocolError("outputs must be a non-empty list of objects")
         chosen = []
         for o in wanted:
             p = o.get("parameters") or {}
@@ -316,7 +316,7 @@ def create_app(backend: LocalBackend, settings: ServerSettings | None = None) ->
     served = ServedModel(backend, settings, store, stats, on_refund=metrics.refunded.inc)
     unknown_keys = set(settings.key_outputs) - set(settings.api_keys)
     if unknown_keys:
-        raise ValueError(f"--key-outputs names {len(unknown_keys)} key(s) that are not among the API keys")
+        raise KeySetupError(f"--key-outputs names {len(unknown_keys)} key(s) that are not among the API keys")
     served.allowed = {kid_of(k): set(outs) for k, outs in settings.key_outputs.items()}
     limiter = RateLimiter(settings.rate_limit, settings.burst)
     failures = RateLimiter(settings.auth_failure_rate, settings.auth_failures)
