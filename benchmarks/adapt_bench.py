@@ -138,55 +138,50 @@ def scratch(run: Path, data: dict[str, Path], shots: int, seed: int, steps: int,
     return accuracy(predict(model, test.images), test.labels)
 
 
-def adapted(run: Path, data: dict[str, Path], shots: int, seed: int, args, where: Path) -> dict:
-    """`b2kd adapt` of one distilled run for one (K, seed): its report."""
+def adapted(run: Path, data: dict[str, Path], shots: int, seed: int, args, where: Path,
+            prefix: str = "") -> list[dict]:
+    """`b2kd adapt` of one distilled run for one (K, seed): the head and head+finetune rows."""
     # the run's config, with this invocation's adapt.*, threads and device (the run may be read back)
     again = [o for o in args.overrides if o.startswith(("adapt.", "threads=", "device="))]
     cfg = load_config(run / "config.yaml", overrides=[*again, f"adapt.test={data['new-test']}",
                                                       f"adapt.seed={seed}"])
-    return adapt_run(run, data["new-train"], shots, where, cfg, log=quiet)
+    report = adapt_run(run, data["new-train"], shots, where, cfg, log=quiet)
+    old = report["old_task"]
+    return [
+        {"method": f"{prefix}head", "new_acc": report["new_task"]["head_acc"], "old_before": old["before_acc"],
+         "old_after": old["before_acc"], "seconds": None},  # the body is frozen: the old task is intact
+        {"method": f"{prefix}head+finetune", "new_acc": report["new_task"]["finetuned_acc"],
+         "old_before": old["before_acc"], "old_after": old["after_acc"], "seconds": report["seconds"]},
+    ]
+
+
+def _kept(path: Path, shots: int, seed: int, make) -> list[dict]:
+    """The rows of one cell file: read back when it exists, else ``make()`` tagged and written."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    rows = [{**r, "shots": shots, "seed": seed} for r in make()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=2))
+    return rows
 
 
 def cell(out: Path, run: Path, data: dict[str, Path], shots: int, seed: int, args) -> list[dict]:
     """The three methods for one (K, seed): rows, read back when the cell is done."""
-    path = out / "cells" / f"k{shots}-s{seed}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    report = adapted(run, data, shots, seed, args, out / "adapt" / f"k{shots}-s{seed}")
-    old = report["old_task"]
-    start = time.perf_counter()
-    scratch_acc = scratch(run, data, shots, seed, args.scratch_steps, args.scratch_lr)
-    rows = [
-        {"method": "scratch", "new_acc": scratch_acc, "old_before": None, "old_after": None,
-         "seconds": time.perf_counter() - start},
-        {"method": "head", "new_acc": report["new_task"]["head_acc"], "old_before": old["before_acc"],
-         "old_after": old["before_acc"], "seconds": None},  # the body is frozen: the old task is intact
-        {"method": "head+finetune", "new_acc": report["new_task"]["finetuned_acc"],
-         "old_before": old["before_acc"], "old_after": old["after_acc"], "seconds": report["seconds"]},
-    ]
-    rows = [{**r, "shots": shots, "seed": seed} for r in rows]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows, indent=2))
-    return rows
+    def make() -> list[dict]:
+        rows = adapted(run, data, shots, seed, args, out / "adapt" / f"k{shots}-s{seed}")
+        start = time.perf_counter()
+        scratch_acc = scratch(run, data, shots, seed, args.scratch_steps, args.scratch_lr)
+        return [{"method": "scratch", "new_acc": scratch_acc, "old_before": None, "old_after": None,
+                 "seconds": time.perf_counter() - start}, *rows]
+
+    return _kept(out / "cells" / f"k{shots}-s{seed}.json", shots, seed, make)
 
 
 def graybox_cell(out: Path, run: Path, data: dict[str, Path], shots: int, seed: int, args) -> list[dict]:
     """The distilled head and fine-tuning from the gray-box student, for one (K, seed)."""
-    path = out / "cells" / f"k{shots}-s{seed}-graybox.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    report = adapted(run, data, shots, seed, args, out / "adapt-graybox" / f"k{shots}-s{seed}")
-    old = report["old_task"]
-    rows = [
-        {"method": "graybox head", "new_acc": report["new_task"]["head_acc"], "old_before": old["before_acc"],
-         "old_after": old["before_acc"], "seconds": None},
-        {"method": "graybox head+finetune", "new_acc": report["new_task"]["finetuned_acc"],
-         "old_before": old["before_acc"], "old_after": old["after_acc"], "seconds": report["seconds"]},
-    ]
-    rows = [{**r, "shots": shots, "seed": seed} for r in rows]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows, indent=2))
-    return rows
+    return _kept(out / "cells" / f"k{shots}-s{seed}-graybox.json", shots, seed,
+                 lambda: adapted(run, data, shots, seed, args, out / "adapt-graybox" / f"k{shots}-s{seed}",
+                                 "graybox "))
 
 
 def _mean_std(values: list[float]) -> str:

@@ -27,8 +27,7 @@ class FeatureMatch(nn.Module):
         if not have.any():
             raise ValueError("feature matching needs the teacher's embeddings, and no paid image has one")
         self.weight = weight
-        self.hook = Penultimate(student)
-        self.hook.first_only = True
+        self.hook = Penultimate(student, first_only=True)
         torch.manual_seed(seed)
         self.proj = nn.Linear(self.hook.dim, embeddings.shape[1]).to(device)
         self.scale = float(embeddings[have].float().pow(2).mean().sqrt().clamp_min(1e-8))

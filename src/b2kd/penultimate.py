@@ -15,23 +15,22 @@ from torch import nn
 
 
 def output_linear(model: nn.Module) -> nn.Linear:
-    """The model's last linear layer (the one that gives its logits)."""
-    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not layers:
-        raise ValueError(f"the {getattr(model, 'arch', type(model).__name__)} model has no linear output layer")
-    return layers[-1]
+    """The model's last linear layer (the one that gives its logits; :func:`b2kd.heads.output_layer`)."""
+    from b2kd.heads import output_layer
+
+    return model.get_submodule(output_layer(model))
 
 
 class Penultimate:
     """Records the input of ``model``'s output layer at every forward pass (``.last``)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, first_only: bool = False):
         self.layer = output_linear(model)
         self.dim = int(self.layer.in_features)
         self.last: torch.Tensor | None = None
         # first_only: keep the first pass after ``armed`` is set (later passes, such as another
         # loss term's on other images, leave it alone); else every pass replaces it
-        self.first_only = False
+        self.first_only = first_only
         self.armed = True
         self._handle = self.layer.register_forward_pre_hook(self._keep)
 

@@ -23,7 +23,7 @@ class LocalBackend:
         if self.kind.embedding:
             from b2kd.penultimate import output_linear
 
-            self.embedding_dim = int(output_linear(model).in_features)
+            self.embedding_dim = output_linear(model).in_features
 
     @property
     def model(self) -> torch.nn.Module:
@@ -46,11 +46,16 @@ class LocalBackend:
             )
         from b2kd.penultimate import embed
 
-        logits, features = embed(self._model, images, self.batch_size)
+        if self.kind.embedding:
+            logits, features = embed(self._model, images, self.batch_size)
+        else:  # no hook, no feature copies: the common case stays as cheap as before
+            logits = torch.cat([self._model(images[i : i + self.batch_size]).float()
+                                for i in range(0, len(images), self.batch_size)])
+            features = None
         per_image = int(images[0].numel())  # 1 byte per pixel
         return BackendAnswer(
             responses=self.kind.apply(torch.softmax(logits, dim=1)),
             bytes_sent=[per_image] * len(images),
             bytes_received=[self.kind.wire_bytes(self.num_classes, self.embedding_dim or 0)] * len(images),
-            embeddings=features if self.kind.embedding else None,
+            embeddings=features,
         )
