@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"{hardware(torch.device('cpu'))}, torch {torch.__version__}, batch {args.batch}")
+    print(f"{hardware()}, torch {torch.__version__}, batch {args.batch}")
     print("| generator | as trained (ms) | channels-last (ms) | folded + channels-last (ms) | speed-up |")
     print("|---|---|---|---|---|")
     for name, shape in SHAPES.items():

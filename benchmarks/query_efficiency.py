@@ -19,8 +19,9 @@ from pathlib import Path
 from b2kd.config import load_config
 from b2kd.pipeline import run_distill, run_evaluate
 
-FIELDS = ["variant", "response", "budget", "seed", "student_acc", "student_acc_last", "fidelity", "queries",
-          "bytes_sent", "seconds"]
+FIELDS = ["variant", "response", "budget", "seed", "student_acc", "student_acc_last", "dev_acc", "fidelity",
+          "queries", "setup_queries", "bytes_sent", "seconds"]
+KEY = ("variant", "response", "budget", "seed")
 
 
 def run_cell(config: str, teacher: str, generator: str, response: str, budget: int, seed: int,
@@ -39,14 +40,31 @@ def run_cell(config: str, teacher: str, generator: str, response: str, budget: i
     seconds = json.loads((out / "cell.json").read_text())["seconds"]
     return {"variant": variant, "response": response, "budget": budget, "seed": seed,
             "student_acc": result["student_acc"], "student_acc_last": result["latest"]["acc"],
-            "fidelity": result["fidelity"], "queries": result["queries"],
-            "bytes_sent": result["bytes_sent"], "seconds": seconds}
+            "dev_acc": result.get("dev_acc"), "fidelity": result["fidelity"], "queries": result["queries"],
+            "setup_queries": setup_queries(generator), "bytes_sent": result["bytes_sent"],
+            "seconds": seconds}
+
+
+def setup_queries(generator: str) -> int | str:
+    """The queries deprivatization paid to make this generator (its run's report), or ''."""
+    report = Path(generator).parent / "report.json"
+    return json.loads(report.read_text()).get("queries", "") if report.is_file() else ""
+
+
+def merged(rows: list[dict], path: Path) -> list[dict]:
+    """The rows of ``path`` that this sweep did not make (older variants and cells), then ``rows``."""
+    if not path.is_file():
+        return rows
+    mine = {tuple(str(r[k]) for k in KEY) for r in rows}
+    with open(path, newline="") as fh:
+        kept = [r for r in csv.DictReader(fh) if tuple(r[k] for k in KEY) not in mine]
+    return kept + rows
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
+        writer = csv.DictWriter(fh, fieldnames=FIELDS, restval="")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -91,7 +109,7 @@ def main() -> None:
     parser.add_argument("--variant", default="default", help="name of this setting in the CSV")
     args = parser.parse_args()
 
-    rows = []
+    rows: list[dict] = []
     for response in args.responses:
         for budget in args.budgets:
             for seed in args.seeds:
@@ -103,8 +121,9 @@ def main() -> None:
                 print(", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in row.items()), flush=True)
                 rows.append(row)
-                write_csv(rows, args.csv)  # after every cell, so an interrupted sweep keeps its rows
-    plot(rows, args.csv.with_suffix(".png"))
+                # after every cell, so an interrupted sweep keeps its rows; other variants' rows stay
+                write_csv(merged(rows, args.csv), args.csv)
+    plot(merged(rows, args.csv), args.csv.with_suffix(".png"))
 
 
 if __name__ == "__main__":
