@@ -62,6 +62,7 @@ def fold_pair(conv: nn.Conv2d) -> nn.ConvTranspose2d:
 
 
 def _fold_sequence(layers: list[nn.Module]) -> list[nn.Module]:
+    """The layers of one ``nn.Sequential`` (in eval mode), folded and fused; same function."""
     kept: list[nn.Module] = []
     i = 0
     while i < len(layers):
