@@ -56,7 +56,11 @@ def friendly(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            from b2kd import distributed
+
+            distributed.finish()  # under torchrun: the ranks leave together
+            return result
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/]: paid responses and checkpoints are saved;"
                       " re-run the same command to resume")

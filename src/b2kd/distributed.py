@@ -87,6 +87,19 @@ def _leave() -> None:
         dist.destroy_process_group()
 
 
+def finish() -> None:
+    """End a job that succeeded: every rank waits for the others, then all leave the group.
+
+    Without the barrier a rank with less to do (not rank 0, which evaluates and writes) left
+    first, and gloo's threads could abort that process at exit (SIGABRT, "terminate called
+    without an active exception"), failing a job whose work was done. The wait is bounded by
+    ``distributed.timeout_s``; a failed job skips it (its error ends the ranks instead).
+    """
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _comm_device() -> torch.device:
     """Where tensors must be for a collective: the current GPU under NCCL, else the CPU."""
     if dist.get_backend() == "nccl":
