@@ -97,7 +97,7 @@ def finish() -> None:
     """
     if dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        _leave()
 
 
 def _comm_device() -> torch.device:

@@ -186,7 +186,7 @@ def run_distill(cfg: Config, out: str | Path, log=print) -> dict:
         if not cfg.deprivatize.generator:
             raise ConfigError("no generator given: pass --generator PATH (or set deprivatize.generator)")
         generator, _ = load_generator(cfg.deprivatize.generator)
-        # frozen from here on: folded into fewer, equivalent layers (b2kd.models.fold; 2.7x faster)
+        # frozen from here on: folded into fewer, equivalent layers (b2kd.models.fold; 2.3-2.6x faster)
         generator = fast_layout(fold_frozen(generator).to(device))
     teacher = distributed.teacher_on_rank0(lambda: open_teacher(cfg, out, d.response, d.budget, "distill"),
                                            d.budget)
