@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from b2kd.balanced_pool import class_quotas, pick
+from b2kd.balanced_pool import class_quotas, neighbour_latents, pick, shortfall
 from b2kd.data.augment import StrongAugment, cutout
 from b2kd.data.splits import dev_split, edge_split
 from b2kd.diffaugment import diff_augment
@@ -89,6 +89,84 @@ def test_class_quotas_water_fill():
     assert class_quotas(have, torch.tensor([10, 10, 10]), 6).tolist() == [0, 4, 2]  # levels 5, 4, 4
     # class 1 has only 1 candidate: the rest goes to the next lowest
     assert class_quotas(have, torch.tensor([10, 1, 10]), 6).tolist() == [1, 1, 4]
+
+
+def test_shortfall_is_the_gap_to_the_even_level():
+    # level ceil((7 + 6) / 3) = 5: class 1 needs 5 - 0 - 1 = 4 more, class 2 needs 5 - 2 - 0 = 3
+    assert shortfall(torch.tensor([5, 0, 2]), torch.tensor([10, 1, 0]), 6).tolist() == [0, 4, 3]
+    assert shortfall(torch.tensor([2, 2]), torch.tensor([9, 9]), 4).tolist() == [0, 0]
+
+
+def test_neighbour_latents_stay_around_their_parents():
+    parents = torch.tensor([[0.0, 0.0], [10.0, -10.0]])
+    z = neighbour_latents(parents, 4000, 0.1, torch.Generator().manual_seed(0))
+    nearest = torch.cdist(z, parents).min(1)
+    assert z.shape == (4000, 2) and float(nearest.values.max()) < 0.6
+    assert 0.45 < float((nearest.indices == 0).float().mean()) < 0.55  # both parents, evenly
+    assert float((z - parents[nearest.indices]).std()) == pytest.approx(0.1, rel=0.05)
+
+
+def test_latents_are_the_noise_behind_synthesise():
+    from b2kd.models import Generator
+    from b2kd.pool import latents, render, synthesise
+
+    torch.manual_seed(0)
+    generator = Generator(10, 28, 1, (16, 8))
+    assert torch.equal(synthesise(generator, 300, 5), render(generator, latents(300, 10, 5)))
+    assert torch.equal(latents(100, 10, 5), latents(300, 10, 5)[:100])  # pools nest
+
+
+class _OneNumberGenerator(torch.nn.Module):
+    """G(z): a 4x4 grey image, every pixel tanh(z_0 - 1.5); bright images are rare (z_0 > 1.5)."""
+
+    config = {"latent_dim": 2}
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, z):
+        return torch.tanh(z[:, :1, None, None] - 1.5).expand(-1, 1, 4, 4)
+
+
+class _BrightnessTeacher(torch.nn.Module):
+    """Class 1 for an image brighter than mid-grey, else class 0 (about 7% of G's images)."""
+
+    num_classes, in_channels, image_size = 2, 1, 4
+
+    def forward(self, x):
+        bright = x.float().mean((1, 2, 3)) / 255 - 0.5
+        return torch.stack([-20 * bright, 20 * bright], 1)
+
+
+class _BlindStudent(torch.nn.Module):
+    """A student that never predicts class 1, as one fitted on a pool with few of them."""
+
+    def forward(self, x):
+        return torch.tensor([[2.0, 0.0]]).expand(len(x), 2)
+
+
+def _rare_class_pool(tmp_path, neighbours):
+    from b2kd.balanced_pool import balanced_pool
+    from b2kd.blackbox import LocalBackend, top1
+    from b2kd.edge import BlackBoxTeacher, Ledger
+    from b2kd.methods.base import Acquisition
+
+    teacher = BlackBoxTeacher(LocalBackend(_BrightnessTeacher()), Ledger(tmp_path / "ledger.sqlite"), budget=2000)
+    acq = Acquisition(teacher=teacher, budget=2000, seed=0, device=torch.device("cpu"), out=tmp_path,
+                      student=_BlindStudent(), fit=lambda *a: None, generator=_OneNumberGenerator())
+    images, answers = balanced_pool(acq, 0.25, 4, 0, 2, neighbours)
+    assert len(images) == 2000  # (identical images are answered once: G makes at most 256 distinct ones)
+    return float((top1(answers) == 1).float().mean())
+
+
+def test_neighbours_fill_a_class_the_generator_seldom_draws(tmp_path):
+    # without neighbours the blind student finds no bright candidate: the pool keeps G's 7%
+    plain = _rare_class_pool(tmp_path / "plain", 0.0)
+    assert plain < 0.12
+    # with them, the first part's bright images seed candidates the teacher also calls bright
+    grown = _rare_class_pool(tmp_path / "grown", 0.3)
+    assert grown > 0.4
 
 
 def test_pick_takes_least_confident_half():

@@ -8,6 +8,13 @@ reaches an equal share of the pool (counting the first part's answers), and,
 within each class, half of the picks go to the candidates the student is
 least sure of (lowest top probability) and half are random.
 
+A class the generator seldom draws (a private set with rare classes makes a
+GAN that drops them) can lack candidates however many are scored. With
+``neighbours`` (a standard deviation in latent space), each such class gets
+extra candidates drawn around the latents of the first part's images that the
+teacher put in it: G is smooth, so most neighbours of a paid 8 look like an 8.
+They are still generator images, and the teacher's answer decides their label.
+
 The choice is stored (``pool-balanced.pt``) before anything of it is paid, so
 a resumed run re-reads the same images and the ledger answers what it already
 paid for.
@@ -19,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from b2kd.blackbox import top1
-from b2kd.pool import load_or_draw, load_or_synthesise, pay, synthesise
+from b2kd.pool import latents, load_or_draw, load_or_synthesise, pay, render, synthesise
 
 
 def class_quotas(have: torch.Tensor, available: torch.Tensor, total: int) -> torch.Tensor:
@@ -42,18 +49,32 @@ def class_quotas(have: torch.Tensor, available: torch.Tensor, total: int) -> tor
     return take
 
 
+def shortfall(have: torch.Tensor, available: torch.Tensor, total: int) -> torch.Tensor:
+    """Per class, how many candidates short of the even level ``(have.sum() + total) / K``."""
+    level = -(-(int(have.sum()) + int(total)) // len(have))  # ceil
+    return (level - have - available).clamp_min(0)
+
+
+def neighbour_latents(parents: torch.Tensor, n: int, sigma: float, rng: torch.Generator) -> torch.Tensor:
+    """``n`` latents ``parents[j] + sigma * eps``, each around a parent drawn uniformly."""
+    picks = torch.randint(len(parents), (n,), generator=rng)
+    return parents[picks] + sigma * torch.randn(n, parents.shape[1], generator=rng)
+
+
 @torch.no_grad()
+def score_probs(student: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 500):
+    """The student's class probabilities on uint8 images, in eval mode."""
+    student.eval()
+    probs = [F.softmax(student(images[i : i + batch].to(device)).float(), dim=1).cpu()
+             for i in range(0, len(images), batch)]
+    student.train()
+    return torch.cat(probs)
+
+
 def score(student: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 500):
     """(predicted class, top probability) of the student on uint8 images, in eval mode."""
-    student.eval()
-    preds, confs = [], []
-    for start in range(0, len(images), batch):
-        probs = F.softmax(student(images[start : start + batch].to(device)).float(), dim=1)
-        conf, pred = probs.max(1)
-        preds.append(pred.cpu())
-        confs.append(conf.cpu())
-    student.train()
-    return torch.cat(preds), torch.cat(confs)
+    conf, pred = score_probs(student, images, device, batch).max(1)
+    return pred, conf
 
 
 def pick(pred: torch.Tensor, conf: torch.Tensor, quotas: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
@@ -69,7 +90,8 @@ def pick(pred: torch.Tensor, conf: torch.Tensor, quotas: torch.Tensor, rng: torc
     return torch.cat(chosen) if chosen else torch.empty(0, dtype=torch.long)
 
 
-def balanced_pool(acq, first_fraction: float, candidates_per_query: int, fit_steps: int, num_classes: int):
+def balanced_pool(acq, first_fraction: float, candidates_per_query: int, fit_steps: int, num_classes: int,
+                  neighbours: float = 0.0):
     """Pay for a class-balanced generator pool of ``acq.budget`` images; returns (images, answers)."""
     out = acq.out
     n_first = max(1, min(acq.budget, round(acq.budget * first_fraction)))
@@ -84,8 +106,12 @@ def balanced_pool(acq, first_fraction: float, candidates_per_query: int, fit_ste
         # fresh candidates: another seed than the first part's, so none repeats an image paid for
         cands = synthesise(acq.generator, n_rest * candidates_per_query, acq.seed + 1_000_003)
         pred, conf = score(acq.student, cands, acq.device)
-        have = torch.bincount(top1(first_answers), minlength=num_classes)
+        first_labels = top1(first_answers)
+        have = torch.bincount(first_labels, minlength=num_classes)
         available = torch.bincount(pred, minlength=num_classes)
+        if neighbours > 0:
+            cands, pred, conf = with_neighbours(cands, pred, conf, first_labels, have, available)
+            available = torch.bincount(pred, minlength=num_classes)
         quotas = class_quotas(have, available, n_rest)
         idx = pick(pred, conf, quotas, torch.Generator().manual_seed(acq.seed + 17))
         if len(idx) < n_rest:  # too few distinct candidates per class: fill with the least sure
@@ -95,6 +121,25 @@ def balanced_pool(acq, first_fraction: float, candidates_per_query: int, fit_ste
             idx = torch.cat([idx, rest[conf[rest].argsort()][: n_rest - len(idx)]])
         return cands[idx]
 
-    rest = load_or_draw(out / "pool-balanced.pt", n_rest, acq.seed, "balanced", draw)
+    def with_neighbours(cands, pred, conf, first_labels, have, available):
+        """Add latent neighbours of the first part's images for each class short of candidates;
+        a neighbour counts for its parent's class, with the student's probability of it as conf."""
+        z_first = latents(n_first, acq.generator.config["latent_dim"], acq.seed)
+        rng = torch.Generator().manual_seed(acq.seed + 29)
+        short = shortfall(have, available, n_rest)
+        for k in short.nonzero().flatten().tolist():
+            parents = z_first[first_labels == k]
+            if len(parents) == 0:  # the teacher named no first-part image k: nothing to grow from
+                continue
+            extra = render(acq.generator, neighbour_latents(parents, int(short[k]) * candidates_per_query,
+                                                            neighbours, rng))
+            probs = score_probs(acq.student, extra, acq.device)
+            cands = torch.cat([cands, extra])
+            pred = torch.cat([pred, torch.full((len(extra),), k, dtype=pred.dtype)])
+            conf = torch.cat([conf, probs[:, k]])
+        return cands, pred, conf
+
+    source = "balanced" if neighbours <= 0 else f"balanced-neighbours-{neighbours:g}"
+    rest = load_or_draw(out / "pool-balanced.pt", n_rest, acq.seed, source, draw)
     rest_answers = pay(acq.teacher, rest, acq.query_batch, acq.on_paid)
     return torch.cat([first, rest]), torch.cat([first_answers, rest_answers])

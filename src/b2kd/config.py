@@ -145,6 +145,9 @@ class DistillConfig(_Section):
     balance_first: float = Field(0.25, gt=0, le=1)  # share of the budget paid at random first
     balance_candidates: int = Field(4, ge=1)  # candidates scored per remaining query
     balance_fit_steps: int = Field(200, ge=0)  # student steps on the first part
+    # sd of latent neighbours drawn around the first part's images of a class short of candidates
+    # (a GAN that seldom draws a class); 0: off
+    balance_neighbours: float = Field(0.0, ge=0)
     # baselines (b2kd.methods); each reads only its own keys
     dkd_alpha: float = 1.0  # DKD target-class term
     dkd_beta: float = 8.0  # DKD non-target-class term

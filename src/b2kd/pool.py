@@ -29,14 +29,24 @@ def synthesise(generator: torch.nn.Module, n: int, seed: int, batch_size: int = 
     Small chunks: on CPU the generator runs about 2x faster per image at batch 128
     than at 1000 (measured, torch 2.13, 2 cores), as activations stay in cache.
     """
+    return render(generator, latents(n, generator.config["latent_dim"], seed, batch_size), batch_size)
+
+
+def latents(n: int, dim: int, seed: int, batch_size: int = 128) -> torch.Tensor:
+    """The z behind :func:`synthesise`'s n images: N(0, I) drawn chunk by chunk from a seeded RNG."""
     rng = torch.Generator().manual_seed(seed)
+    # always a whole chunk of noise, cut after: a smaller n's pool is a prefix of a larger one's
+    chunks = [torch.randn(batch_size, dim, generator=rng)[: n - start] for start in range(0, n, batch_size)]
+    return torch.cat(chunks) if chunks else torch.empty(0, dim)
+
+
+@torch.no_grad()
+def render(generator: torch.nn.Module, z: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """uint8 images G(z), in eval mode, ``batch_size`` latents at a time."""
     device = next(generator.parameters()).device
     generator.eval()
-    chunks = []
-    for start in range(0, n, batch_size):
-        # always a whole chunk of noise, cut after: a smaller n's pool is a prefix of a larger one's
-        z = torch.randn(batch_size, generator.config["latent_dim"], generator=rng)[: n - start]
-        chunks.append(quantize_uint8(generator(z.to(device))).cpu())
+    chunks = [quantize_uint8(generator(z[i : i + batch_size].to(device))).cpu()
+              for i in range(0, len(z), batch_size)]
     return torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
 
 
