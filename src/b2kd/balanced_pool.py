@@ -90,6 +90,24 @@ def pick(pred: torch.Tensor, conf: torch.Tensor, quotas: torch.Tensor, rng: torc
     return torch.cat(chosen) if chosen else torch.empty(0, dtype=torch.long)
 
 
+def with_neighbours(acq, cands, pred, conf, z_first, first_labels, short, sigma, per_query):
+    """``(cands, pred, conf)`` with latent neighbours of the first part's images (latents
+    ``z_first``, teacher labels ``first_labels``) added for each class ``short`` of candidates:
+    ``short[k] * per_query`` of them per class, each counted for its parent's class, with the
+    student's probability of that class as its confidence."""
+    rng = torch.Generator().manual_seed(acq.seed + 29)
+    for k in short.nonzero().flatten().tolist():
+        parents = z_first[first_labels == k]
+        if len(parents) == 0:  # the teacher named no first-part image k: nothing to grow from
+            continue
+        extra = render(acq.generator, neighbour_latents(parents, int(short[k]) * per_query, sigma, rng))
+        probs = score_probs(acq.student, extra, acq.device)
+        cands = torch.cat([cands, extra])
+        pred = torch.cat([pred, torch.full((len(extra),), k, dtype=pred.dtype)])
+        conf = torch.cat([conf, probs[:, k]])
+    return cands, pred, conf
+
+
 def balanced_pool(acq, first_fraction: float, candidates_per_query: int, fit_steps: int, num_classes: int,
                   neighbours: float = 0.0):
     """Pay for a class-balanced generator pool of ``acq.budget`` images; returns (images, answers)."""
@@ -110,7 +128,10 @@ def balanced_pool(acq, first_fraction: float, candidates_per_query: int, fit_ste
         have = torch.bincount(first_labels, minlength=num_classes)
         available = torch.bincount(pred, minlength=num_classes)
         if neighbours > 0:
-            cands, pred, conf = with_neighbours(cands, pred, conf, first_labels, have, available)
+            z_first = latents(n_first, acq.generator.config["latent_dim"], acq.seed)
+            cands, pred, conf = with_neighbours(acq, cands, pred, conf, z_first, first_labels,
+                                                shortfall(have, available, n_rest), neighbours,
+                                                candidates_per_query)
             available = torch.bincount(pred, minlength=num_classes)
         quotas = class_quotas(have, available, n_rest)
         idx = pick(pred, conf, quotas, torch.Generator().manual_seed(acq.seed + 17))
@@ -120,24 +141,6 @@ def balanced_pool(acq, first_fraction: float, candidates_per_query: int, fit_ste
             rest = spare.nonzero().flatten()
             idx = torch.cat([idx, rest[conf[rest].argsort()][: n_rest - len(idx)]])
         return cands[idx]
-
-    def with_neighbours(cands, pred, conf, first_labels, have, available):
-        """Add latent neighbours of the first part's images for each class short of candidates;
-        a neighbour counts for its parent's class, with the student's probability of it as conf."""
-        z_first = latents(n_first, acq.generator.config["latent_dim"], acq.seed)
-        rng = torch.Generator().manual_seed(acq.seed + 29)
-        short = shortfall(have, available, n_rest)
-        for k in short.nonzero().flatten().tolist():
-            parents = z_first[first_labels == k]
-            if len(parents) == 0:  # the teacher named no first-part image k: nothing to grow from
-                continue
-            extra = render(acq.generator, neighbour_latents(parents, int(short[k]) * candidates_per_query,
-                                                            neighbours, rng))
-            probs = score_probs(acq.student, extra, acq.device)
-            cands = torch.cat([cands, extra])
-            pred = torch.cat([pred, torch.full((len(extra),), k, dtype=pred.dtype)])
-            conf = torch.cat([conf, probs[:, k]])
-        return cands, pred, conf
 
     source = "balanced" if neighbours <= 0 else f"balanced-neighbours-{neighbours:g}"
     rest = load_or_draw(out / "pool-balanced.pt", n_rest, acq.seed, source, draw)
