@@ -247,10 +247,63 @@ def test_balanced_pool_spends_the_budget_once(toy_runs, tmp_path):
 
 
 def test_ema_average_warms_up():
-    from b2kd.deprivatize import ema_average
+    from b2kd.weight_average import ema_average
 
     avg = ema_average(0.999)
     # after n = 0 updates the decay is 1/10: mostly the current weights
     assert avg(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(0)).item() == pytest.approx(0.9)
     # late in training the decay is capped at 0.999
     assert avg(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(100_000)).item() == pytest.approx(0.001)
+
+
+def test_mean_teacher_labels_the_private_images():
+    from b2kd.data import Augment
+    from b2kd.semisup import LocalUnlabelled
+
+    class Constant(torch.nn.Module):
+        """Logits that put all mass on one class, whatever the image."""
+
+        def __init__(self, label):
+            super().__init__()
+            self.label = label
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.full((len(x),), self.label), 10).float() * 20
+
+    private = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
+    local = LocalUnlabelled(private, 8, 0.95, 1.0, Augment(0), StrongAugment(), torch.device("cpu"))
+    student = Constant(3)
+    rng = torch.Generator().manual_seed(0)
+    own, _ = local.loss(student, rng)
+    assert own.item() == pytest.approx(0.0, abs=1e-6)  # it agrees with itself
+    taught, parts = local.loss(student, rng, labeller=Constant(7))
+    # the labeller says 7 with certainty, the student says 3 with logit margin 20
+    assert parts["confident"] == 1.0
+    assert taught.item() == pytest.approx(20 + math.log(1 + 9 * math.exp(-20)), rel=1e-5)
+
+
+def test_ema_targets_need_a_student_average():
+    from b2kd.config import DistillConfig
+
+    with pytest.raises(Exception, match="student_ema"):
+        DistillConfig(unlabelled_targets="ema")
+    DistillConfig(unlabelled_targets="ema", student_ema=0.99)
+
+
+def test_student_average_is_what_best_pt_holds(toy_runs, tmp_path):
+    from b2kd.checkpoint import read
+
+    summary, cfg = _distil(toy_runs, tmp_path, "ema", student_ema=0.9, select="last",
+                           local_unlabelled=True, unlabelled_targets="ema")
+    best = read(tmp_path / "ema" / "checkpoints" / "best.pt", "classifier")["state_dict"]
+    latest = read(tmp_path / "ema" / "checkpoints" / "latest.pt", "classifier")
+    average = latest["train_state"]["extras"]["student_average"]
+    # best.pt is the average's module, not the last weights of the student
+    for key, value in best.items():
+        assert torch.equal(value, average[f"module.{key}"])
+    assert any(not torch.equal(value, latest["state_dict"][key]) for key, value in best.items())
+    # updated once per optimisation step
+    steps = cfg.distill.epochs * math.ceil((summary["pool_size"] - summary["val_size"]) / cfg.distill.batch_size)
+    if cfg.distill.steps is not None or cfg.distill.max_steps is not None:
+        steps = min(cfg.distill.steps or steps, cfg.distill.max_steps or steps)
+    assert int(average["n_averaged"]) == steps

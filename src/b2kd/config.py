@@ -113,6 +113,7 @@ class DistillConfig(_Section):
     # hard responses: "ce" (cross-entropy on the label) measured 96.2% vs 71.8% for the
     # reference "kl" at tau 5 on the MNIST demo (LeNet-5 student, 20k queries)
     hard_loss: Literal["kl", "ce"] = "ce"
+    hard_smoothing: float = Field(0.0, ge=0, lt=1)  # label smoothing of that cross-entropy
     val_fraction: float = Field(0.05, ge=0, lt=1)  # held-out slice of the paid pool
     select: Literal["val", "last"] = "val"
     # the report warns of a class holding under this fraction of a uniform pool's share (b2kd.pool_labels)
@@ -136,6 +137,12 @@ class DistillConfig(_Section):
     unlabelled_weight: float = Field(1.0, ge=0)
     unlabelled_threshold: float = Field(0.95, ge=0, le=1)
     unlabelled_ratio: float = Field(1.0, gt=0)  # unlabelled batch = ratio x batch_size
+    # pseudo-labels of the private images from the student itself or, with student_ema, from its
+    # average ("ema": a mean teacher, Tarvainen & Valpola, 2017)
+    unlabelled_targets: Literal["student", "ema"] = "student"
+    # decay of an exponential moving average of the student's weights, updated every step; the
+    # average is what is validated and saved as best.pt (None: off)
+    student_ema: float | None = Field(None, gt=0, lt=1)
     # generator methods: add the images deprivatization paid for, with their answers, to the pool
     # (no new query; counted as setup_queries beside the pool's)
     reuse_setup: bool = False
@@ -169,6 +176,15 @@ class DistillConfig(_Section):
     dafl_steps: int = Field(300, ge=0)  # DAFL: white-box generator steps
     dafl_batch_size: int = Field(64, ge=1)
     dafl_lr: float = 0.02  # DAFL generator's Adam learning rate
+
+    @model_validator(mode="after")
+    def _ema_targets_need_an_average(self) -> DistillConfig:
+        if self.unlabelled_targets == "ema" and self.student_ema is None:
+            raise PydanticCustomError(
+                "ema_targets_without_ema",
+                "distill.unlabelled_targets 'ema' labels the private images with the student's"
+                " weight average: set distill.student_ema (for example 0.99) too", {})
+        return self
 
     @model_validator(mode="after")
     def _budget_pays_for_training(self) -> DistillConfig:

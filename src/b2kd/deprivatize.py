@@ -27,6 +27,7 @@ from b2kd.gan_score import answer_score
 from b2kd.grid import save_grid
 from b2kd.losses import gan_discriminator_loss, gan_generator_loss, information_maximisation
 from b2kd.models import Discriminator, Generator, quantize_uint8
+from b2kd.weight_average import weight_average
 
 
 def _to_gan_range(images: torch.Tensor) -> torch.Tensor:
@@ -45,18 +46,6 @@ def dcgan_init(module: torch.nn.Module) -> None:
         elif isinstance(m, torch.nn.BatchNorm2d):
             torch.nn.init.normal_(m.weight, 1.0, 0.02)
             torch.nn.init.zeros_(m.bias)
-
-
-def ema_average(decay: float):
-    """The update of an exponential moving average whose decay warms up as min(decay, (1 + n) /
-    (10 + n)) after n updates: with a fixed 0.999 a 1,400-step run would still hold a quarter of
-    the random initial weights (measured: near-black samples)."""
-
-    def average(averaged: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-        d = min(decay, (1.0 + float(n)) / (10.0 + float(n)))
-        return averaged * d + current * (1.0 - d)
-
-    return average
 
 
 def planned_queries(cfg: DeprivatizeConfig, num_private: int) -> int:
@@ -98,9 +87,7 @@ def deprivatize(
     # an exponential moving average of G's weights (and BatchNorm statistics): torch's own
     ema = None
     if cfg.ema is not None:
-        from torch.optim.swa_utils import AveragedModel
-
-        ema = AveragedModel(gen, avg_fn=ema_average(cfg.ema), use_buffers=True)
+        ema = weight_average(gen, cfg.ema)
     policies = tuple(cfg.diffaugment)
     best = {"score": float("-inf"), "epoch": -1, "state": None}
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))

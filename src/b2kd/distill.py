@@ -161,9 +161,22 @@ def distill(
         epochs = math.ceil(total_steps / steps_per_epoch)
     select = d.select if len(val_idx) else "last"
     meta = {"role": "student", "method": d.method, "response": str(teacher.kind), "arch": d.student}
+    # a weight average of the student (distill.student_ema): validated and saved as best.pt, and
+    # with unlabelled_targets "ema" the labeller of the private images
+    average = None
+    if d.student_ema is not None:
+        from b2kd.weight_average import weight_average
+
+        average = weight_average(student, d.student_ema)
+        average.module.eval()  # it labels and is validated; it is never trained
+    evaluated = student if average is None else average.module
+    extras = {"feature_projection": features.proj} if features is not None else {}
+    if average is not None:
+        extras["student_average"] = average
     engine = Engine(out, student, optimizer, scheduler, epochs, cfg.seed, select=select, meta=meta,
-                    schedule_per="step", writes=distributed.is_main(),
-                    extras={"feature_projection": features.proj} if features is not None else None)
+                    schedule_per="step", writes=distributed.is_main(), extras=extras,
+                    evaluated=evaluated)
+    labeller = average.module if average is not None and d.unlabelled_targets == "ema" else None
     local = None
     if d.local_unlabelled:
         if unlabelled is None:
@@ -182,11 +195,13 @@ def distill(
         start = time.perf_counter()
         for step in range(steps):
             idx = order[step * batch : (step + 1) * batch].to(device)
-            extra = None if local is None else (lambda: local.loss(student, rng))
+            extra = None if local is None else (lambda: local.loss(student, rng, labeller))
             # every rank augments the whole batch (the same draws as one process) and trains on its part
             idx, x, weight = distributed.my_part(idx, augment(images[idx], generator=rng))
             loss, parts = train_step(method, trainee, optimizer, x, idx, d.grad_clip, extra, weight, features)
             scheduler.step()
+            if average is not None:
+                average.update_parameters(student)
             for key, value in {"loss": loss.item(), **parts}.items():
                 totals[key] = totals.get(key, 0.0) + value
         seconds = time.perf_counter() - start
@@ -201,7 +216,7 @@ def distill(
         agree = 0
         for i in range(0, len(val_idx), 1000):
             idx = val_idx[i : i + 1000].to(device)
-            agree += int((student(images[idx]).argmax(1) == teacher_top1[idx]).sum())
+            agree += int((evaluated(images[idx]).argmax(1) == teacher_top1[idx]).sum())
         return agree / len(val_idx)
 
     def report_epoch(r: dict) -> None:

@@ -3,7 +3,7 @@
 ``checkpoints/latest.pt`` is written atomically after every epoch with the
 model, optimizer, scheduler and history, so re-running the same command after
 an interruption (even ``kill -9``) continues from the last finished epoch.
-``checkpoints/best.pt`` is the model chosen by validation (or the last epoch);
+``checkpoints/best.pt`` is the model (or its weight average) chosen by validation (or the last epoch);
 both are classifier checkpoints that ``load_classifier`` reads.
 """
 
@@ -77,6 +77,7 @@ class Engine:
         schedule_per: str = "epoch",
         writes: bool = True,
         extras: dict[str, torch.nn.Module] | None = None,
+        evaluated: torch.nn.Module | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -93,6 +94,8 @@ class Engine:
         self.writes = writes
         # modules trained beside the model (a projection head): saved in latest.pt, restored on resume
         self.extras = extras or {}
+        # the module validated and saved as best.pt (a weight average of the model); default the model
+        self.evaluated = model if evaluated is None else evaluated
         self.start_epoch = 0
         self.best_metric = float("-inf")
         self.best_epoch = -1
@@ -168,13 +171,14 @@ class Engine:
             record["lr"] = self.optimizer.param_groups[0]["lr"]
             if validate is not None:
                 self.model.eval()
+                self.evaluated.eval()
                 record["val"] = float(validate())
             record["seconds"] = time.perf_counter() - start
             metric = record.get("val", 0.0) if self.select == "val" else float(epoch)
             if self.select == "last" or validate is None or metric > self.best_metric:
                 self.best_metric, self.best_epoch = metric, epoch
                 if self.writes:
-                    save_classifier(self.model, self.best_path, **self.meta, epoch=epoch)
+                    save_classifier(self.evaluated, self.best_path, **self.meta, epoch=epoch)
             self.history.append(record)
             if self.writes:
                 self._save_latest(epoch)
@@ -183,6 +187,7 @@ class Engine:
             if on_epoch is not None:
                 on_epoch(record)
         self.model.eval()
+        self.evaluated.eval()
         return {
             "epochs": self.epochs,
             "best_epoch": self.best_epoch,

@@ -53,14 +53,16 @@ def mekd_loss(
     beta: float = 1.0,
     distance: str = "l1",
     hard_ce: bool = False,
+    smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """MEKD: generator alignment + beta * (tau^2 KL, or cross-entropy on the hard label).
+    """MEKD: generator alignment + beta * (tau^2 KL, or cross-entropy on the hard label, with
+    ``smoothing`` of the one-hot target spread evenly over the classes).
 
     Returns the total and its named parts for logging.
     """
     align = generator_alignment(generator, student_logits, teacher_images, tau_g, distance)
     if hard_ce:
-        match = F.cross_entropy(student_logits, teacher_logits.argmax(1))
+        match = F.cross_entropy(student_logits, teacher_logits.argmax(1), label_smoothing=smoothing)
     else:
         match = kd_kl(centre(student_logits), teacher_logits, tau)
     total = align + beta * match

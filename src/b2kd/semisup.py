@@ -43,11 +43,15 @@ class LocalUnlabelled:
         self.strong = strong
         self.device = device
 
-    def loss(self, student: torch.nn.Module, rng: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, student: torch.nn.Module, rng: torch.Generator,
+             labeller: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """The weighted consistency term and its parts; ``labeller`` (a weight average of the
+        student, in eval mode) gives the pseudo-labels instead of the student itself."""
         idx = torch.randint(len(self.private), (self.batch_size,), generator=rng)
         batch = self.private[idx]
         with torch.no_grad():
-            weak_logits = student(self.weak(batch, generator=rng).to(self.device))
+            weak_logits = (student if labeller is None else labeller)(
+                self.weak(batch, generator=rng).to(self.device))
         strong_logits = student(self.strong(batch, generator=rng).to(self.device))
         loss, kept = consistency_loss(weak_logits, strong_logits, self.threshold)
         return self.weight * loss, {"unlabelled": float(loss.detach()), "confident": kept}

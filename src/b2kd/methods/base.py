@@ -103,9 +103,9 @@ class Method(ABC):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of the methods that train on stored answers as they are: tau^2 KL at
         ``tau`` (default ``distill.tau``), or cross-entropy on the teacher's label for hard
-        answers with ``distill.hard_loss=ce``."""
+        answers with ``distill.hard_loss=ce`` (smoothed by ``distill.hard_smoothing``)."""
         if self.kind.is_hard and self.cfg.hard_loss == "ce":
-            loss = F.cross_entropy(logits, self.t_logits[idx].argmax(1))
+            loss = F.cross_entropy(logits, self.t_logits[idx].argmax(1), label_smoothing=self.cfg.hard_smoothing)
         else:
             loss = kd_kl(logits, self.t_logits[idx], self.cfg.tau if tau is None else tau)
         return loss, {"match": float(loss.detach())}

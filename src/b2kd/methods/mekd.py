@@ -38,4 +38,5 @@ class MEKD(Method):
             beta=self.cfg.beta,
             distance=self.cfg.distance,
             hard_ce=self.kind.is_hard and self.cfg.hard_loss == "ce",
+            smoothing=self.cfg.hard_smoothing,
         )
