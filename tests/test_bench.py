@@ -232,3 +232,28 @@ def test_shifted_private_sets_through_the_config(toy_runs):
     cfg = load_config(None, {"data.private_dataset": "digits", "data.image_size": 28, "data.channels": 1})
     digits = edge_private_images(cfg)
     assert digits.shape[1:] == (1, 28, 28) and digits.dtype == torch.uint8
+
+
+def test_the_teacher_does_not_depend_on_the_listed_seeds_or_gaps(toy_runs, tmp_path):
+    from b2kd.bench import prepare_bench
+
+    base = toy_runs["cfg"].model_dump(mode="json")
+    base["teacher"]["checkpoint"] = None
+    base["seed"] = 4
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    bench = {"base": "base.yaml", "set": {"teacher.epochs": 3},
+             "methods": [{"name": "kd", "responses": ["soft"]}], "budgets": [40], "seeds": [1, 2],
+             "gaps": [{"name": "imbalance", "set": {"data.private_shift": "imbalance", "seed": 9}}]}
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(bench))
+    trained = []
+
+    def train_teacher(cfg, out):
+        trained.append(cfg)
+        out.mkdir(parents=True)
+        (out / "teacher.pt").write_bytes(b"")
+
+    *_, teacher = prepare_bench(tmp_path / "bench.yaml", tmp_path / "out", lambda *a: None, train_teacher)
+    assert teacher == str((tmp_path / "out" / "teacher" / "teacher.pt").resolve())
+    (cfg,) = trained
+    # the base's seed and the bench's `set`, not the first cell's seed or gap
+    assert cfg.seed == 4 and cfg.teacher.epochs == 3 and cfg.data.private_shift != "imbalance"

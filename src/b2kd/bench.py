@@ -115,8 +115,9 @@ def prepare_bench(path: str | Path, out: str | Path | None, log=print, train_tea
     out = Path(out or bench.out).resolve()  # absolute: cells may run in other processes
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.yaml").write_text(yaml.safe_dump(bench.model_dump(), sort_keys=False))
-    base_cfg = cell_config(bench, base, bench.gaps[0], bench.methods[0], bench.methods[0].responses[0],
-                           bench.budgets[0], bench.seeds[0], None, None)
+    # the one teacher of every cell: the base config with the bench's `set`, at the base's own seed,
+    # so that it does not depend on which seeds, gaps or methods the bench lists
+    base_cfg = load_config(base, bench.set)
 
     teacher = bench.teacher or base_cfg.teacher.checkpoint
     if not teacher:
