@@ -25,6 +25,7 @@ from b2kd.methods.base import Acquisition
 from b2kd.models import build_model
 from b2kd.runtime import fast_layout
 from b2kd.semisup import LocalUnlabelled
+from b2kd.weight_average import weight_average
 
 
 def split_pool(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,8 +166,6 @@ def distill(
     # with unlabelled_targets "ema" the labeller of the private images
     average = None
     if d.student_ema is not None:
-        from b2kd.weight_average import weight_average
-
         average = weight_average(student, d.student_ema)
         average.module.eval()  # it labels and is validated; it is never trained
     evaluated = student if average is None else average.module

@@ -43,6 +43,13 @@ def generator_alignment(
     raise ValueError(f"unknown distance '{distance}'; use l1 or l2")
 
 
+def label_cross_entropy(logits: torch.Tensor, teacher_logits: torch.Tensor,
+                        smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy on the teacher's top-1 label (hard answers), the one-hot target smoothed by
+    ``smoothing`` spread evenly over the classes."""
+    return F.cross_entropy(logits, teacher_logits.argmax(1), label_smoothing=smoothing)
+
+
 def mekd_loss(
     generator: torch.nn.Module,
     student_logits: torch.Tensor,
@@ -62,7 +69,7 @@ def mekd_loss(
     """
     align = generator_alignment(generator, student_logits, teacher_images, tau_g, distance)
     if hard_ce:
-        match = F.cross_entropy(student_logits, teacher_logits.argmax(1), label_smoothing=smoothing)
+        match = label_cross_entropy(student_logits, teacher_logits, smoothing)
     else:
         match = kd_kl(centre(student_logits), teacher_logits, tau)
     total = align + beta * match

@@ -8,13 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from b2kd.blackbox import BlackBoxError, ResponseKind, teacher_logits
 
 from b2kd.edge import BlackBoxTeacher
 from b2kd.config import DistillConfig
-from b2kd.losses import kd_kl
+from b2kd.losses import kd_kl, label_cross_entropy
 
 
 @dataclass
@@ -105,7 +104,7 @@ class Method(ABC):
         ``tau`` (default ``distill.tau``), or cross-entropy on the teacher's label for hard
         answers with ``distill.hard_loss=ce`` (smoothed by ``distill.hard_smoothing``)."""
         if self.kind.is_hard and self.cfg.hard_loss == "ce":
-            loss = F.cross_entropy(logits, self.t_logits[idx].argmax(1), label_smoothing=self.cfg.hard_smoothing)
+            loss = label_cross_entropy(logits, self.t_logits[idx], self.cfg.hard_smoothing)
         else:
             loss = kd_kl(logits, self.t_logits[idx], self.cfg.tau if tau is None else tau)
         return loss, {"match": float(loss.detach())}
