@@ -92,6 +92,14 @@ class DeprivatizeConfig(_Section):
     # b2kd.gan_score (confident and class-balanced; no labels, no test set); "last": the last epoch
     select: Literal["last", "score"] = "last"
     select_from: float = Field(0.5, ge=0, lt=1)
+    # class-balanced real batches (b2kd.real_balance): from balance_from x epochs on, a LeNet-5 fitted
+    # on the device to the paid answers (balance_fit_steps more steps each epoch) labels the private
+    # images, and D's real batches are drawn with weights n_c ** -balance_real (0: off; 1: every class
+    # about as often), no image more than balance_max_boost times as often as shuffling draws it
+    balance_real: float = Field(0.0, ge=0, le=1)
+    balance_from: float = Field(0.25, ge=0, lt=1)
+    balance_fit_steps: int = Field(200, ge=1)
+    balance_max_boost: float = Field(10.0, ge=1)
 
 
 class DistillConfig(_Section):

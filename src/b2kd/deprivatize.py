@@ -27,6 +27,7 @@ from b2kd.gan_score import answer_score
 from b2kd.grid import save_grid
 from b2kd.losses import gan_discriminator_loss, gan_generator_loss, information_maximisation
 from b2kd.models import Discriminator, Generator, quantize_uint8
+from b2kd.real_balance import balancing_weights, fit_labeller, label_private, make_labeller
 from b2kd.weight_average import weight_average
 
 
@@ -78,6 +79,9 @@ def deprivatize(
         raise ValueError(
             f"private images are {tuple(private.shape[1:])} but the teacher takes {teacher.image_shape}"
         )
+    if cfg.balance_real > 0 and distributed.world_size() > 1:
+        # rank 0 alone pays, so only it could vote; the ranks' batches would no longer agree
+        raise ValueError("deprivatize.balance_real is not supported data-parallel (torchrun); run it in one process")
     torch.manual_seed(seed)
     gen = Generator(teacher.num_classes, size, channels, tuple(cfg.widths)).to(device)
     disc = Discriminator(size, channels).to(device)
@@ -96,6 +100,10 @@ def deprivatize(
     g_train, d_train = distributed.wrap(gen, device, sync_bn), distributed.wrap(disc, device, sync_bn)
     state_path = out / "checkpoints" / "gan_latest.pt"
     start_epoch = 0
+    # balance_real: what was sent (uint8), the answers (probabilities), and the labeller fitted to them
+    paid_images: list[torch.Tensor] = []
+    paid_answers: list[torch.Tensor] = []
+    labeller = make_labeller(teacher.num_classes, channels, size, seed) if cfg.balance_real > 0 else None
     state = distributed.checkpoint_from_rank0(state_path)  # under torchrun: rank 0's ({} if none)
     if state is None and state_path.is_file():
         state = read(state_path, "gan_state")
@@ -107,6 +115,9 @@ def deprivatize(
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
         best = state.get("best", best)
+        paid_images, paid_answers = state.get("paid_images", []), state.get("paid_answers", [])
+        if labeller is not None and state.get("labeller") is not None:
+            labeller.load_state_dict(state["labeller"])
         start_epoch = state["epoch"] + 1
         log(f"resuming deprivatization at epoch {start_epoch + 1}")
 
@@ -116,7 +127,16 @@ def deprivatize(
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         rng = epoch_generator(seed, epoch)
-        perm = torch.randperm(len(real_all), generator=rng)
+        balancing = (cfg.balance_real > 0 and epoch >= math.floor(cfg.balance_from * cfg.epochs)
+                     and len(paid_images) > 0)
+        if balancing:
+            fit_labeller(labeller, torch.cat(paid_images), torch.cat(paid_answers), cfg.balance_fit_steps,
+                         torch.Generator().manual_seed(seed * 1000 + epoch))
+            pseudo = label_private(labeller, real_all)
+            weights = balancing_weights(pseudo, cfg.balance_real, cfg.balance_max_boost)
+            perm = torch.multinomial(weights, len(real_all), replacement=True, generator=rng)
+        else:
+            perm = torch.randperm(len(real_all), generator=rng)
         own = distributed.rank_generator(rng, seed, epoch)  # this rank's noise: rng in one process
         sums = {"d": 0.0, "g": 0.0, "im": 0.0}
         answered = []  # this epoch's paid answers, as probabilities: the selection score's input
@@ -142,9 +162,13 @@ def deprivatize(
             m = min(cfg.query_batch, len(idx))
             affordable = distributed.is_main() and (teacher.remaining is None or teacher.remaining >= m)
             if global_step % cfg.query_every == 0 and affordable:
-                api = teacher.query(quantize_uint8(fake[:m].detach()).cpu())
+                sent = quantize_uint8(fake[:m].detach()).cpu()
+                api = teacher.query(sent)
                 probs = to_probs(api, teacher.kind)
                 answered.append(probs)
+                if labeller is not None:
+                    paid_images.append(sent)
+                    paid_answers.append(probs.detach().float().cpu())
                 confidence = probs.max(1).values.to(device)
                 im = information_maximisation(fake_logits[:m], confidence)
                 g_loss = g_loss + cfg.alpha * distributed.world_size() * im
@@ -178,11 +202,16 @@ def deprivatize(
                 "ema": None if ema is None else ema.state_dict(),
                 "best": best,
                 "epoch": epoch,
+                "paid_images": paid_images,
+                "paid_answers": paid_answers,
+                "labeller": None if labeller is None else labeller.state_dict(),
             },
             state_path,
         )
         record = {"epoch": epoch, **means,
                   "queries": teacher.spent, "score": score, "seconds": time.perf_counter() - t0}
+        if balancing:  # how the labeller split the private set this epoch
+            record["private_labels"] = torch.bincount(pseudo, minlength=teacher.num_classes).tolist()
         with open(out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
         log(f"deprivatize epoch {epoch + 1}/{cfg.epochs}: D {record['d']:.3f} G {record['g']:.3f}"
