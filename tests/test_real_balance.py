@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from b2kd.checkpoint import read
 from b2kd.real_balance import balancing_weights, fit_labeller, label_private, make_labeller
 
 
@@ -69,7 +70,7 @@ def test_deprivatize_balances_pays_for_generator_images_only_and_resumes(toy_run
     assert report["private_images_sent"] == 0
     with Ledger(out / "ledger.sqlite") as ledger:
         assert ledger.count() == report["queries"] > 0
-    state = torch.load(out / "checkpoints" / "gan_latest.pt", weights_only=False)
+    state = read(out / "checkpoints" / "gan_latest.pt", "gan_state")
     assert sum(len(x) for x in state["paid_images"]) == report["queries"]
     assert all(x.dtype == torch.uint8 for x in state["paid_images"])
     assert state["labeller"] is not None
