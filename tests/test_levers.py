@@ -13,7 +13,7 @@ from b2kd.data.splits import dev_split, edge_split
 from b2kd.diffaugment import diff_augment
 from b2kd.engine import make_step_scheduler, step_schedule_factor
 from b2kd.gan_score import answer_score
-from b2kd.semisup import consistency_loss
+from b2kd.semisup import ClassThresholds, consistency_loss
 
 
 def test_cosine_factor_per_step_with_warmup():
@@ -47,6 +47,35 @@ def test_consistency_loss_by_hand():
     loss, kept = consistency_loss(weak, strong, threshold=0.95)
     # row 0: CE of logits (1, 2) on class 0 = log(1 + e) ; row 1 masked; mean over both rows
     assert loss.item() == pytest.approx(math.log(1 + math.e) / 2, rel=1e-6)
+    assert kept == 0.5
+
+
+def test_class_thresholds_by_hand():
+    flex = ClassThresholds(n_images=10, n_classes=3, threshold=0.9)
+    assert flex.thresholds().tolist() == [0.0, 0.0, 0.0]  # nothing learned: every label is used
+    # counts (3, 1, 0), 6 images not learned yet: the warm-up divides by 6
+    flex.learned.copy_(torch.tensor([0, 0, 0, 1, -1, -1, -1, -1, -1, -1]))
+    effect = torch.tensor([3 / 6, 1 / 6, 0.0])
+    assert torch.allclose(flex.thresholds(), 0.9 * effect / (2 - effect))
+    # counts (5, 2, 1), 2 not learned: the largest count divides; class 0 keeps the fixed 0.9
+    flex.learned.copy_(torch.tensor([0, 0, 0, 0, 0, 1, 1, 2, -1, -1]))
+    assert torch.allclose(flex.thresholds(), torch.tensor([0.9, 0.9 * 0.4 / 1.6, 0.9 * 0.2 / 1.8]))
+
+
+def test_class_thresholds_remember_confident_predictions_only():
+    flex = ClassThresholds(n_images=4, n_classes=2, threshold=0.9)
+    flex.learned.copy_(torch.tensor([1, -1, -1, -1]))
+    # image 0 now at p = 0.982 for class 0, image 2 unsure (p = 0.525): only image 0 changes
+    flex.update(torch.tensor([0, 2]), torch.tensor([[4.0, 0.0], [0.1, 0.0]]))
+    assert flex.learned.tolist() == [0, -1, -1, -1]
+
+
+def test_consistency_loss_with_class_thresholds():
+    weak = torch.tensor([[4.0, 0.0], [0.0, 0.1]])  # row 0: class 0 at 0.982; row 1: class 1 at 0.525
+    strong = torch.tensor([[1.0, 2.0], [5.0, -5.0]])
+    loss, kept = consistency_loss(weak, strong, threshold=torch.tensor([0.99, 0.5]))
+    # row 0 falls below its class's 0.99; row 1 passes class 1's 0.5: CE of (5, -5) on class 1
+    assert loss.item() == pytest.approx((10 + math.log(1 + math.exp(-10))) / 2, rel=1e-6)
     assert kept == 0.5
 
 
@@ -212,6 +241,19 @@ def test_local_unlabelled_never_sends_a_private_image(toy_runs, tmp_path):
     history = summary["history"]
     assert all("unlabelled" in r and "confident" in r for r in history)
     assert history[-1]["confident"] == 1.0  # threshold 0: every private image is pseudo-labelled
+
+
+def test_adaptive_thresholds_are_checkpointed(toy_runs, tmp_path):
+    from b2kd.checkpoint import read
+    from b2kd.pipeline import edge_private_images
+
+    summary, cfg = _distil(toy_runs, tmp_path, "flex", local_unlabelled=True, unlabelled_adaptive=True,
+                           unlabelled_threshold=0.5)
+    latest = read(tmp_path / "flex" / "checkpoints" / "latest.pt", "classifier")
+    learned = latest["train_state"]["extras"]["class_thresholds"]["learned"]
+    assert len(learned) == len(edge_private_images(cfg))
+    assert int((learned >= 0).sum()) > 0  # the student labelled some private images confidently
+    assert all("confident" in r for r in summary["history"])
 
 
 def test_reuse_setup_adds_paid_answers_without_queries(toy_runs, tmp_path):

@@ -145,6 +145,9 @@ class DistillConfig(_Section):
     unlabelled_weight: float = Field(1.0, ge=0)
     unlabelled_threshold: float = Field(0.95, ge=0, le=1)
     unlabelled_ratio: float = Field(1.0, gt=0)  # unlabelled batch = ratio x batch_size
+    # class-adaptive thresholds (FlexMatch, b2kd.semisup.ClassThresholds): a class the student has
+    # confidently labelled few private images of gets a threshold below unlabelled_threshold
+    unlabelled_adaptive: bool = False
     # pseudo-labels of the private images from the student itself or, with student_ema, from its
     # average ("ema": a mean teacher, Tarvainen & Valpola, 2017)
     unlabelled_targets: Literal["student", "ema"] = "student"

@@ -24,7 +24,7 @@ from b2kd.methods import get_method
 from b2kd.methods.base import Acquisition
 from b2kd.models import build_model
 from b2kd.runtime import fast_layout
-from b2kd.semisup import LocalUnlabelled
+from b2kd.semisup import ClassThresholds, LocalUnlabelled
 from b2kd.weight_average import weight_average
 
 
@@ -172,17 +172,21 @@ def distill(
     extras = {"feature_projection": features.proj} if features is not None else {}
     if average is not None:
         extras["student_average"] = average
-    engine = Engine(out, student, optimizer, scheduler, epochs, cfg.seed, select=select, meta=meta,
-                    schedule_per="step", writes=distributed.is_main(), extras=extras,
-                    evaluated=evaluated)
     labeller = average.module if average is not None and d.unlabelled_targets == "ema" else None
     local = None
     if d.local_unlabelled:
         if unlabelled is None:
             raise ValueError("distill.local_unlabelled is set, but no private images were given")
+        adaptive = None
+        if d.unlabelled_adaptive:  # its memory is checkpointed with the student, so resume keeps it
+            adaptive = ClassThresholds(len(unlabelled), teacher.num_classes, d.unlabelled_threshold)
+            extras["class_thresholds"] = adaptive
         local = LocalUnlabelled(unlabelled, max(1, round(d.batch_size * d.unlabelled_ratio)),
                                 d.unlabelled_threshold, d.unlabelled_weight, augment, StrongAugment(),
-                                device)
+                                device, adaptive)
+    engine = Engine(out, student, optimizer, scheduler, epochs, cfg.seed, select=select, meta=meta,
+                    schedule_per="step", writes=distributed.is_main(), extras=extras,
+                    evaluated=evaluated)
     if engine.resume(distributed.checkpoint_from_rank0(engine.latest_path)):
         log(f"resuming distillation at epoch {engine.start_epoch + 1}/{epochs}")
     timing = {"images": 0, "seconds": 0.0}
