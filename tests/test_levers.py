@@ -50,6 +50,18 @@ def test_consistency_loss_by_hand():
     assert kept == 0.5
 
 
+def test_sharpened_consistency_by_hand():
+    weak = torch.tensor([[math.log(3.0), 0.0]])  # p = (0.75, 0.25); sharpened at T = 0.5: (0.9, 0.1)
+    strong = torch.tensor([[0.0, 0.0]])  # log-probabilities (log 0.5, log 0.5)
+    loss, kept = consistency_loss(weak, strong, threshold=0.7, sharpen=0.5)
+    assert loss.item() == pytest.approx(math.log(2), rel=1e-6)  # -(0.9 + 0.1) log 0.5
+    strong = torch.tensor([[math.log(9.0), 0.0]])  # the sharpened target itself: loss = its entropy
+    loss, _ = consistency_loss(weak, strong, threshold=0.7, sharpen=0.5)
+    assert loss.item() == pytest.approx(-(0.9 * math.log(0.9) + 0.1 * math.log(0.1)), rel=1e-6)
+    assert kept == 1.0
+    assert consistency_loss(weak, strong, threshold=0.8, sharpen=0.5)[1] == 0.0  # 0.75 < 0.8
+
+
 def test_class_thresholds_by_hand():
     flex = ClassThresholds(n_images=10, n_classes=3, threshold=0.9)
     assert flex.thresholds().tolist() == [0.0, 0.0, 0.0]  # nothing learned: every label is used

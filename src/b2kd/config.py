@@ -148,6 +148,9 @@ class DistillConfig(_Section):
     # class-adaptive thresholds (FlexMatch, b2kd.semisup.ClassThresholds): a class the student has
     # confidently labelled few private images of gets a threshold below unlabelled_threshold
     unlabelled_adaptive: bool = False
+    # soft pseudo-labels: the weak view's distribution sharpened by this temperature (UDA) is the
+    # strong view's target, instead of its top-1 (None: top-1, FixMatch)
+    unlabelled_sharpen: float | None = Field(None, gt=0, le=1)
     # pseudo-labels of the private images from the student itself or, with student_ema, from its
     # average ("ema": a mean teacher, Tarvainen & Valpola, 2017)
     unlabelled_targets: Literal["student", "ema"] = "student"

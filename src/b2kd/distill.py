@@ -183,7 +183,7 @@ def distill(
             extras["class_thresholds"] = adaptive
         local = LocalUnlabelled(unlabelled, max(1, round(d.batch_size * d.unlabelled_ratio)),
                                 d.unlabelled_threshold, d.unlabelled_weight, augment, StrongAugment(),
-                                device, adaptive)
+                                device, adaptive, d.unlabelled_sharpen)
     engine = Engine(out, student, optimizer, scheduler, epochs, cfg.seed, select=select, meta=meta,
                     schedule_per="step", writes=distributed.is_main(), extras=extras,
                     evaluated=evaluated)

@@ -17,17 +17,21 @@ from b2kd.data.augment import Augment, StrongAugment
 
 
 def consistency_loss(
-    weak_logits: torch.Tensor, strong_logits: torch.Tensor, threshold: float | torch.Tensor
+    weak_logits: torch.Tensor, strong_logits: torch.Tensor, threshold: float | torch.Tensor,
+    sharpen: float | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Cross-entropy of the strong view on the weak view's confident top-1; returns the loss
     (mean over the whole batch, masked rows count as zero) and the share of rows kept.
-    ``threshold`` is one number or one per class (indexed by the pseudo-label)."""
+    ``threshold`` is one number or one per class (indexed by the pseudo-label). With
+    ``sharpen`` (a temperature below 1) the target is the weak view's distribution sharpened,
+    softmax(weak / sharpen), instead of its top-1 (UDA, Xie et al., 2020)."""
     probs = F.softmax(weak_logits.detach(), dim=1)
     confidence, pseudo = probs.max(dim=1)
     if isinstance(threshold, torch.Tensor):
         threshold = threshold.to(confidence.device)[pseudo]
     mask = (confidence >= threshold).float()
-    loss = (F.cross_entropy(strong_logits, pseudo, reduction="none") * mask).mean()
+    target = pseudo if sharpen is None else F.softmax(weak_logits.detach() / sharpen, dim=1)
+    loss = (F.cross_entropy(strong_logits, target, reduction="none") * mask).mean()
     return loss, float(mask.mean())
 
 
@@ -70,7 +74,7 @@ class LocalUnlabelled:
 
     def __init__(self, private: torch.Tensor, batch_size: int, threshold: float, weight: float,
                  weak: Augment, strong: StrongAugment, device: torch.device,
-                 adaptive: ClassThresholds | None = None):
+                 adaptive: ClassThresholds | None = None, sharpen: float | None = None):
         if len(private) == 0:
             raise ValueError("distill.local_unlabelled needs private images, but the private set is empty")
         self.private = private
@@ -81,6 +85,7 @@ class LocalUnlabelled:
         self.strong = strong
         self.device = device
         self.adaptive = adaptive
+        self.sharpen = sharpen
 
     def loss(self, student: torch.nn.Module, rng: torch.Generator,
              labeller: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -96,5 +101,5 @@ class LocalUnlabelled:
         if self.adaptive is not None:
             threshold = self.adaptive.thresholds()
             self.adaptive.update(idx, weak_logits)
-        loss, kept = consistency_loss(weak_logits, strong_logits, threshold)
+        loss, kept = consistency_loss(weak_logits, strong_logits, threshold, self.sharpen)
         return self.weight * loss, {"unlabelled": float(loss.detach()), "confident": kept}
