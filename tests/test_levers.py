@@ -99,6 +99,16 @@ def test_strong_augment_is_seeded_and_in_range():
     assert a.min() >= 0 and a.max() <= 1 and not torch.equal(a, x.float() / 255)
 
 
+def test_strong_augment_strength_scales_every_magnitude():
+    assert StrongAugment.scaled(1.0) == StrongAugment()
+    half = StrongAugment.scaled(0.5)
+    assert (half.degrees, half.translate, half.scale, half.contrast, half.cutout) == (10.0, 0.06, 0.075, 0.2, 4)
+    x = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    # strength 0 leaves the image as it is (an identity affine, contrast 1, no cutout)
+    same = StrongAugment.scaled(0.0)(x, torch.Generator().manual_seed(0))
+    assert torch.allclose(same, x.float() / 255, atol=1e-5)
+
+
 def test_cutout_zeroes_a_square():
     x = torch.ones(1, 1, 9, 9)
     y = cutout(x, 3, torch.Generator().manual_seed(1))

@@ -151,6 +151,8 @@ class DistillConfig(_Section):
     # soft pseudo-labels: the weak view's distribution sharpened by this temperature (UDA) is the
     # strong view's target, instead of its top-1 (None: top-1, FixMatch)
     unlabelled_sharpen: float | None = Field(None, gt=0, le=1)
+    # the strong view's magnitudes (rotation, shift, zoom, contrast, cutout size) times this factor
+    unlabelled_strength: float = Field(1.0, ge=0, le=2)
     # pseudo-labels of the private images from the student itself or, with student_ema, from its
     # average ("ema": a mean teacher, Tarvainen & Valpola, 2017)
     unlabelled_targets: Literal["student", "ema"] = "student"

@@ -182,7 +182,8 @@ def distill(
             adaptive = ClassThresholds(len(unlabelled), teacher.num_classes, d.unlabelled_threshold)
             extras["class_thresholds"] = adaptive
         local = LocalUnlabelled(unlabelled, max(1, round(d.batch_size * d.unlabelled_ratio)),
-                                d.unlabelled_threshold, d.unlabelled_weight, augment, StrongAugment(),
+                                d.unlabelled_threshold, d.unlabelled_weight, augment,
+                                StrongAugment.scaled(d.unlabelled_strength),
                                 device, adaptive, d.unlabelled_sharpen)
     engine = Engine(out, student, optimizer, scheduler, epochs, cfg.seed, select=select, meta=meta,
                     schedule_per="step", writes=distributed.is_main(), extras=extras,
