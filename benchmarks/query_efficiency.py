@@ -69,7 +69,10 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, variants: list[str] | None = None) -> None:
+    """One curve per (variant, response), mean over seeds; only ``variants`` when given."""
+    if variants is not None:
+        rows = [r for r in rows if r.get("variant", "default") in variants]
     try:
         import matplotlib
 
@@ -107,6 +110,8 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for every cell (e.g. device=cuda distill.epochs=20)")
     parser.add_argument("--variant", default="default", help="name of this setting in the CSV")
+    parser.add_argument("--plot-variants", nargs="+", default=None, metavar="VARIANT",
+                        help="variants the PNG draws (default: 'default' and this sweep's)")
     args = parser.parse_args()
 
     rows: list[dict] = []
@@ -123,7 +128,8 @@ def main() -> None:
                 rows.append(row)
                 # after every cell, so an interrupted sweep keeps its rows; other variants' rows stay
                 write_csv(merged(rows, args.csv), args.csv)
-    plot(merged(rows, args.csv), args.csv.with_suffix(".png"))
+    plot(merged(rows, args.csv), args.csv.with_suffix(".png"),
+         args.plot_variants or sorted({"default", args.variant}))
 
 
 if __name__ == "__main__":
