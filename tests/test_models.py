@@ -168,6 +168,26 @@ def test_discriminator_returns_raw_logits(image_size: int, channels: int) -> Non
     assert not any(isinstance(m, nn.Sigmoid) for m in discriminator.modules())
 
 
+def test_spectral_norm_discriminator_has_unit_norm_layers_and_no_batchnorm() -> None:
+    from b2kd.deprivatize import dcgan_init
+
+    torch.manual_seed(0)
+    discriminator = Discriminator(image_size=28, channels=1, spectral_norm=True)
+    dcgan_init(discriminator)  # initialises the layers' raw weights, which SN then normalises
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in discriminator.modules())
+    discriminator.train()
+    for _ in range(30):  # power iterations run in train mode, one per forward
+        discriminator(torch.rand(2, 1, 28, 28) * 2 - 1)
+    discriminator.eval()
+    layers = [m for m in discriminator.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    assert len(layers) == 5
+    for layer in layers:
+        sigma = torch.linalg.matrix_norm(layer.weight.detach().flatten(1), ord=2)
+        assert abs(float(sigma) - 1.0) < 0.02
+    rebuilt = Discriminator(**discriminator.config)
+    assert rebuilt.state_dict().keys() == discriminator.state_dict().keys()
+
+
 def test_quantize_uint8_exact_values() -> None:
     x = torch.tensor([-1.0, 1.0, 0.0, -2.0, 3.0, -1 + 2 / 255, 1 - 2 / 255, 0.5])
     # 0 -> 127.5 -> 128 (torch.round: half to even); 0.5 -> 191.25 -> 191.

@@ -85,6 +85,8 @@ class DeprivatizeConfig(_Section):
     query_every: int = 4  # query the teacher on every k-th generator step
     query_batch: int = 16  # images queried at each such step
     max_queries: int = 5000  # the stage's own budget
+    # spectral normalisation of D's layers, without its BatchNorm (SN-GAN, Miyato et al., 2018)
+    spectral_norm: bool = False
     init: Literal["default", "dcgan"] = "default"  # dcgan: N(0, 0.02) weights, BN scales N(1, 0.02)
     diffaugment: list[Literal["color", "translation", "cutout"]] = []  # before D, real and fake
     ema: float | None = Field(None, gt=0, lt=1)  # decay of an average of G's weights (None: off)

@@ -41,7 +41,9 @@ def dcgan_init(module: torch.nn.Module) -> None:
     biases; BatchNorm scales N(1, 0.02), zero shifts."""
     for m in module.modules():
         if isinstance(m, torch.nn.Conv2d | torch.nn.Linear):
-            torch.nn.init.normal_(m.weight, 0.0, 0.02)
+            # a spectrally normalised layer's weight is computed: initialise what it is computed from
+            parametrized = torch.nn.utils.parametrize.is_parametrized(m, "weight")
+            torch.nn.init.normal_(m.parametrizations.weight.original if parametrized else m.weight, 0.0, 0.02)
             if m.bias is not None:
                 torch.nn.init.zeros_(m.bias)
         elif isinstance(m, torch.nn.BatchNorm2d):
@@ -84,7 +86,7 @@ def deprivatize(
         raise ValueError("deprivatize.balance_real is not supported data-parallel (torchrun); run it in one process")
     torch.manual_seed(seed)
     gen = Generator(teacher.num_classes, size, channels, tuple(cfg.widths)).to(device)
-    disc = Discriminator(size, channels).to(device)
+    disc = Discriminator(size, channels, spectral_norm=cfg.spectral_norm).to(device)
     if cfg.init == "dcgan":
         dcgan_init(gen)
         dcgan_init(disc)

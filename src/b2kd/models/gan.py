@@ -69,7 +69,9 @@ class Discriminator(nn.Module):
 
     Returns logits rather than probabilities so the GAN loss can use
     ``binary_cross_entropy_with_logits``, which is stable where log(sigmoid)
-    is not.
+    is not. With ``spectral_norm`` every convolution and the head are spectrally
+    normalised (Miyato et al., ICLR 2018), which bounds D's Lipschitz constant,
+    and D has no BatchNorm (SN-GAN's discriminator has none).
     """
 
     def __init__(
@@ -77,18 +79,21 @@ class Discriminator(nn.Module):
         image_size: int = 32,
         channels: int = 1,
         widths: Sequence[int] = (16, 32, 64, 128),
+        spectral_norm: bool = False,
     ) -> None:
         super().__init__()
-        self.config = {"image_size": image_size, "channels": channels, "widths": list(widths)}
+        self.config = {"image_size": image_size, "channels": channels, "widths": list(widths),
+                       "spectral_norm": spectral_norm}
+        sn = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
         layers: list[nn.Module] = []
         in_ch, side = channels, image_size
         for i, width in enumerate(widths):
-            layers += [nn.Conv2d(in_ch, width, 3, 2, 1), nn.LeakyReLU(0.2), nn.Dropout2d(0.25)]
-            if i > 0:
+            layers += [sn(nn.Conv2d(in_ch, width, 3, 2, 1)), nn.LeakyReLU(0.2), nn.Dropout2d(0.25)]
+            if i > 0 and not spectral_norm:
                 layers.append(nn.BatchNorm2d(width))
             in_ch, side = width, (side + 1) // 2  # stride-2, pad-1 3x3 conv: ceil(s / 2)
         self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(in_ch * side * side, 1)
+        self.head = sn(nn.Linear(in_ch * side * side, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).flatten(1))
