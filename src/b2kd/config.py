@@ -78,6 +78,7 @@ class DeprivatizeConfig(_Section):
     epochs: int = 20
     batch_size: int = 64
     lr: float = 2e-4
+    d_lr: float | None = Field(None, gt=0)  # the discriminator's own rate (None: lr); TTUR
     betas: tuple[float, float] = (0.5, 0.999)
     alpha: float = 0.5  # weight of the information-maximisation term
     widths: tuple[int, int] = (128, 64)

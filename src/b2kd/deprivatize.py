@@ -97,7 +97,7 @@ def deprivatize(
     policies = tuple(cfg.diffaugment)
     best = {"score": float("-inf"), "epoch": -1, "state": None}
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
-    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.d_lr or cfg.lr, betas=tuple(cfg.betas))
     sync_bn = parallel is not None and parallel.sync_batchnorm
     g_train, d_train = distributed.wrap(gen, device, sync_bn), distributed.wrap(disc, device, sync_bn)
     state_path = out / "checkpoints" / "gan_latest.pt"
