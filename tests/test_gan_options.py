@@ -1,0 +1,27 @@
+"""Deprivatization's discriminator options: spectral normalisation and its own learning rate."""
+
+from __future__ import annotations
+
+import torch
+
+from b2kd.checkpoint import read
+
+
+def test_spectral_norm_and_d_lr_reach_the_trained_discriminator(toy_runs, tmp_path):
+    from b2kd.pipeline import run_deprivatize
+
+    cfg = toy_runs["cfg"].model_copy(deep=True)
+    cfg.deprivatize.generator = None
+    cfg.deprivatize.epochs = 1
+    cfg.deprivatize.spectral_norm = True
+    cfg.deprivatize.d_lr = 4 * cfg.deprivatize.lr
+    out = tmp_path / "gan"
+    report = run_deprivatize(cfg, out, log=lambda *a, **k: None)
+    assert report["private_images_sent"] == 0
+    state = read(out / "checkpoints" / "gan_latest.pt", "gan_state")
+    assert [g["lr"] for g in state["opt_d"]["param_groups"]] == [4 * cfg.deprivatize.lr]
+    assert [g["lr"] for g in state["opt_g"]["param_groups"]] == [cfg.deprivatize.lr]
+    keys = state["discriminator"].keys()
+    assert any(k.endswith("parametrizations.weight.original") for k in keys)
+    assert not any("running_mean" in k for k in keys)  # no BatchNorm in a spectrally normalised D
+    assert all(torch.isfinite(v).all() for v in state["discriminator"].values() if v.is_floating_point())
