@@ -115,6 +115,9 @@ class DistillConfig(_Section):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = 0.1
+    # the student's optimiser: SGD with momentum, or AdamW (momentum is then its first beta and
+    # weight_decay its decoupled decay)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: Literal["cosine", "step"] = "cosine"

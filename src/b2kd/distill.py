@@ -106,7 +106,7 @@ def distill(
         fitted.append(steps)
         method.prepare(answers, device)
         pool = pool.to(device)
-        opt = make_optimizer(student, d.lr, d.momentum, d.weight_decay)
+        opt = make_optimizer(student, d.lr, d.momentum, d.weight_decay, d.optimizer)
         rng = torch.Generator().manual_seed(cfg.seed + len(pool))
         student.train()
         for _ in range(steps):
@@ -141,7 +141,7 @@ def distill(
     trainee = distributed.wrap(student, device, cfg.distributed.sync_batchnorm)  # DDP under torchrun
     batch = d.batch_size * distributed.world_size()  # the effective batch: per rank x world size
     optimizer = make_optimizer(student, distributed.scaled_lr(d.lr, cfg.distributed.scale_lr), d.momentum,
-                               d.weight_decay)
+                               d.weight_decay, d.optimizer)
     features = None
     if with_features:
         from b2kd.feature_match import FeatureMatch

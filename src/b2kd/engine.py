@@ -25,7 +25,13 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float):
+def make_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float,
+                   kind: str = "sgd"):
+    """SGD with momentum, or AdamW (``kind="adamw"``: ``momentum`` is its first beta and
+    ``weight_decay`` its decoupled decay)."""
+    if kind == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, betas=(momentum, 0.999),
+                                 weight_decay=weight_decay)
     return torch.optim.SGD(
         model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=False
     )
