@@ -48,6 +48,18 @@ def read(path: str | Path, kind: str | None = None) -> dict:
     return ckpt
 
 
+def load_resumed(target: Any, state: dict, path: str | Path, what: str) -> None:
+    """``target.load_state_dict(state)`` for a resumed run; a checkpoint made with other settings
+    (another architecture, optimiser or discriminator) is one :class:`CheckpointError`."""
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"cannot resume from {path}: its {what} was made with other settings ({reason[:200]}); "
+            "run with the settings that made it, or into a fresh output directory") from None
+
+
 def module_checkpoint(kind: str, module: torch.nn.Module, **meta: Any) -> dict:
     """The dict a model is saved as: its build arguments, weights and metadata."""
     return {

@@ -19,7 +19,7 @@ import torch
 from b2kd import distributed
 from b2kd.blackbox import to_probs
 from b2kd.edge import BlackBoxTeacher
-from b2kd.checkpoint import atomic_save, read, save_generator
+from b2kd.checkpoint import atomic_save, load_resumed, read, save_generator
 from b2kd.config import DeprivatizeConfig
 from b2kd.diffaugment import diff_augment
 from b2kd.engine import epoch_generator
@@ -110,16 +110,16 @@ def deprivatize(
     if state is None and state_path.is_file():
         state = read(state_path, "gan_state")
     if state:
-        gen.load_state_dict(state["generator"])
-        disc.load_state_dict(state["discriminator"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
+        load_resumed(gen, state["generator"], state_path, "generator")
+        load_resumed(disc, state["discriminator"], state_path, "discriminator")
+        load_resumed(opt_g, state["opt_g"], state_path, "generator's optimiser state")
+        load_resumed(opt_d, state["opt_d"], state_path, "discriminator's optimiser state")
         if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
+            load_resumed(ema, state["ema"], state_path, "generator average")
         best = state.get("best", best)
         paid_images, paid_answers = state.get("paid_images", []), state.get("paid_answers", [])
         if labeller is not None and state.get("labeller") is not None:
-            labeller.load_state_dict(state["labeller"])
+            load_resumed(labeller, state["labeller"], state_path, "labeller")
         start_epoch = state["epoch"] + 1
         log(f"resuming deprivatization at epoch {start_epoch + 1}")
 

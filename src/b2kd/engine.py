@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from b2kd.checkpoint import atomic_save, module_checkpoint, read, save_classifier
+from b2kd.checkpoint import (CheckpointError, atomic_save, load_resumed, module_checkpoint, read,
+                             save_classifier)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -127,8 +128,15 @@ class Engine:
         if not ckpt:
             return False
         state = ckpt["train_state"]
-        self.model.load_state_dict(ckpt["state_dict"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        path = self.latest_path
+        made_with = state.get("optimizer_kind")
+        if made_with is not None and made_with != type(self.optimizer).__name__:
+            raise CheckpointError(
+                f"cannot resume from {path}: it was trained with {made_with}, this run uses "
+                f"{type(self.optimizer).__name__}; run with the settings that made it, or into a "
+                "fresh output directory")
+        load_resumed(self.model, ckpt["state_dict"], path, "model")
+        load_resumed(self.optimizer, state["optimizer"], path, "optimiser state")
         self.scheduler.load_state_dict(state["scheduler"])
         self.start_epoch = state["epoch"] + 1
         self.best_metric = state["best_metric"]
@@ -136,7 +144,7 @@ class Engine:
         self.history = state["history"]
         for name, module in self.extras.items():
             if name in state.get("extras", {}):
-                module.load_state_dict(state["extras"][name])
+                load_resumed(module, state["extras"][name], path, name.replace("_", " "))
         # metrics.jsonl may miss the last epoch if the process died after the checkpoint
         if not self.writes:
             return True
@@ -150,6 +158,7 @@ class Engine:
                 **module_checkpoint("classifier", self.model, **self.meta, epoch=epoch),
                 "train_state": {
                     "optimizer": self.optimizer.state_dict(),
+                    "optimizer_kind": type(self.optimizer).__name__,
                     "scheduler": self.scheduler.state_dict(),
                     "epoch": epoch,
                     "best_metric": self.best_metric,
