@@ -130,6 +130,9 @@ class DistillConfig(_Section):
     # reference "kl" at tau 5 on the MNIST demo (LeNet-5 student, 20k queries)
     hard_loss: Literal["kl", "ce"] = "ce"
     hard_smoothing: float = Field(0.0, ge=0, lt=1)  # label smoothing of that cross-entropy
+    # hard answers: MEKD's teacher logits are this x centre(one-hot) (1: the spec's one-hot - 1/K,
+    # whose G(t / tau_g) is drawn from near-zero logits while the cross-entropy grows the student's)
+    hard_logit_scale: float = Field(1.0, gt=0)
     val_fraction: float = Field(0.05, ge=0, lt=1)  # held-out slice of the paid pool
     select: Literal["val", "last"] = "val"
     # the report warns of a class holding under this fraction of a uniform pool's share (b2kd.pool_labels)
