@@ -371,3 +371,15 @@ def test_student_average_is_what_best_pt_holds(toy_runs, tmp_path):
     if cfg.distill.steps is not None or cfg.distill.max_steps is not None:
         steps = min(cfg.distill.steps or steps, cfg.distill.max_steps or steps)
     assert int(average["n_averaged"]) == steps
+
+
+def test_pick_unsure_share_sets_how_many_are_the_least_confident():
+    pred = torch.tensor([0, 0, 0, 0, 0, 0])
+    conf = torch.tensor([0.9, 0.2, 0.5, 0.99, 0.3, 0.8])
+    rng = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert sorted(pick(pred, conf, torch.tensor([3]), rng(), 1.0).tolist()) == [1, 2, 4]
+    none = pick(pred, conf, torch.tensor([3]), rng(), 0.0)
+    assert len(none) == 3 and len(set(none.tolist())) == 3
+    # the default share: ceil(half) least confident, as before the option
+    assert torch.equal(pick(pred, conf, torch.tensor([3]), rng()), pick(pred, conf, torch.tensor([3]), rng(), 0.5))
+    assert {1, 4} <= set(pick(pred, conf, torch.tensor([3]), rng()).tolist())

@@ -22,6 +22,8 @@ paid for.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -77,16 +79,19 @@ def score(student: torch.nn.Module, images: torch.Tensor, device: torch.device, 
     return pred, conf
 
 
-def pick(pred: torch.Tensor, conf: torch.Tensor, quotas: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-    """Indices of candidates meeting ``quotas``: per class, half least confident, half random."""
+def pick(pred: torch.Tensor, conf: torch.Tensor, quotas: torch.Tensor, rng: torch.Generator,
+         unsure_share: float = 0.5) -> torch.Tensor:
+    """Indices of candidates meeting ``quotas``: per class, ``unsure_share`` of the quota (rounded
+    up) the least confident, the rest at random."""
     chosen = []
     for k, q in enumerate(quotas.tolist()):
         if q == 0:
             continue
+        n_unsure = min(q, math.ceil(q * unsure_share))
         members = (pred == k).nonzero().flatten()
-        unsure = members[conf[members].argsort()][: q - q // 2]
+        unsure = members[conf[members].argsort()][:n_unsure]
         rest = members[~torch.isin(members, unsure)]
-        chosen += [unsure, rest[torch.randperm(len(rest), generator=rng)[: q // 2]]]
+        chosen += [unsure, rest[torch.randperm(len(rest), generator=rng)[: q - n_unsure]]]
     return torch.cat(chosen) if chosen else torch.empty(0, dtype=torch.long)
 
 
@@ -109,7 +114,7 @@ def with_neighbours(acq, cands, pred, conf, z_first, first_labels, short, sigma,
 
 
 def balanced_pool(acq, first_fraction: float, candidates_per_query: int, fit_steps: int, num_classes: int,
-                  neighbours: float = 0.0):
+                  neighbours: float = 0.0, unsure_share: float = 0.5):
     """Pay for a class-balanced generator pool of ``acq.budget`` images; returns (images, answers)."""
     out = acq.out
     n_first = max(1, min(acq.budget, round(acq.budget * first_fraction)))
@@ -134,7 +139,7 @@ def balanced_pool(acq, first_fraction: float, candidates_per_query: int, fit_ste
                                                 candidates_per_query)
             available = torch.bincount(pred, minlength=num_classes)
         quotas = class_quotas(have, available, n_rest)
-        idx = pick(pred, conf, quotas, torch.Generator().manual_seed(acq.seed + 17))
+        idx = pick(pred, conf, quotas, torch.Generator().manual_seed(acq.seed + 17), unsure_share)
         if len(idx) < n_rest:  # too few distinct candidates per class: fill with the least sure
             spare = torch.ones(len(cands), dtype=torch.bool)
             spare[idx] = False
@@ -143,6 +148,8 @@ def balanced_pool(acq, first_fraction: float, candidates_per_query: int, fit_ste
         return cands[idx]
 
     source = "balanced" if neighbours <= 0 else f"balanced-neighbours-{neighbours:g}"
+    if unsure_share != 0.5:  # a pool drawn with another share is not reused
+        source += f"-unsure-{unsure_share:g}"
     rest = load_or_draw(out / "pool-balanced.pt", n_rest, acq.seed, source, draw)
     rest_answers = pay(acq.teacher, rest, acq.query_batch, acq.on_paid)
     return torch.cat([first, rest]), torch.cat([first_answers, rest_answers])

@@ -179,6 +179,8 @@ class DistillConfig(_Section):
     balance_first: float = Field(0.25, gt=0, le=1)  # share of the budget paid at random first
     balance_candidates: int = Field(4, ge=1)  # candidates scored per remaining query
     balance_fit_steps: int = Field(200, ge=0)  # student steps on the first part
+    # share of each class's quota paid for where the fitted student is least sure (the rest at random)
+    balance_unsure: float = Field(0.5, ge=0, le=1)
     # sd of latent neighbours drawn around the first part's images of a class short of candidates
     # (a GAN that seldom draws a class); 0: off. 0.1 chosen on dev under the imbalance gap at the
     # default FixMatch threshold (0.1 / 0.2 / 0.5: 91.26 / 90.78 / 88.68%, off 85.00%); at threshold
