@@ -48,6 +48,12 @@ def read(path: str | Path, kind: str | None = None) -> dict:
     return ckpt
 
 
+def resume_mismatch(path: str | Path, detail: str) -> CheckpointError:
+    """The error of a resumed run whose checkpoint was made with other settings."""
+    return CheckpointError(f"cannot resume from {path}: {detail}; run with the settings that made it,"
+                           " or into a fresh output directory")
+
+
 def load_resumed(target: Any, state: dict, path: str | Path, what: str) -> None:
     """``target.load_state_dict(state)`` for a resumed run; a checkpoint made with other settings
     (another architecture, optimiser or discriminator) is one :class:`CheckpointError`."""
@@ -55,9 +61,7 @@ def load_resumed(target: Any, state: dict, path: str | Path, what: str) -> None:
         target.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"cannot resume from {path}: its {what} was made with other settings ({reason[:200]}); "
-            "run with the settings that made it, or into a fresh output directory") from None
+        raise resume_mismatch(path, f"its {what} was made with other settings ({reason[:200]})") from None
 
 
 def module_checkpoint(kind: str, module: torch.nn.Module, **meta: Any) -> dict:

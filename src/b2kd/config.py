@@ -87,8 +87,9 @@ class DeprivatizeConfig(_Section):
     query_batch: int = 16  # images queried at each such step
     max_queries: int = 5000  # the stage's own budget
     # spectral normalisation of D's layers, without its BatchNorm (SN-GAN, Miyato et al., 2018);
-    # with d_lr 4 x lr and 25 epochs it is bench-mnist-gap.yaml's setting (chosen on dev under the
-    # gaps); alone, at the demo's 15 epochs, D is too weak and G draws broken strokes (docs/performance.md)
+    # with d_lr 4 x lr and a longer GAN it is both bench files' setting (25 epochs on the main bench,
+    # 40 under the gaps; chosen on dev); alone, at the demo's 15 epochs, D is too weak and G draws
+    # broken strokes (docs/performance.md)
     spectral_norm: bool = False
     init: Literal["default", "dcgan"] = "default"  # dcgan: N(0, 0.02) weights, BN scales N(1, 0.02)
     diffaugment: list[Literal["color", "translation", "cutout"]] = []  # before D, real and fake

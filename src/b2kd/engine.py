@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from b2kd.checkpoint import (CheckpointError, atomic_save, load_resumed, module_checkpoint, read,
+from b2kd.checkpoint import (atomic_save, load_resumed, module_checkpoint, read, resume_mismatch,
                              save_classifier)
 
 
@@ -130,11 +130,10 @@ class Engine:
         state = ckpt["train_state"]
         path = self.latest_path
         made_with = state.get("optimizer_kind")
+        # torch would load SGD's state into AdamW without a word and fail at the first step
         if made_with is not None and made_with != type(self.optimizer).__name__:
-            raise CheckpointError(
-                f"cannot resume from {path}: it was trained with {made_with}, this run uses "
-                f"{type(self.optimizer).__name__}; run with the settings that made it, or into a "
-                "fresh output directory")
+            raise resume_mismatch(path, f"it was trained with {made_with}, this run uses "
+                                        f"{type(self.optimizer).__name__}")
         load_resumed(self.model, ckpt["state_dict"], path, "model")
         load_resumed(self.optimizer, state["optimizer"], path, "optimiser state")
         self.scheduler.load_state_dict(state["scheduler"])
