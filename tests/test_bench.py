@@ -257,3 +257,53 @@ def test_the_teacher_does_not_depend_on_the_listed_seeds_or_gaps(toy_runs, tmp_p
     (cfg,) = trained
     # the base's seed and the bench's `set`, not the first cell's seed or gap
     assert cfg.seed == 4 and cfg.teacher.epochs == 3 and cfg.data.private_shift != "imbalance"
+
+
+def test_an_out_made_with_other_settings_is_refused_and_left_as_it_was(toy_bench):
+    bench = yaml.safe_load(toy_bench.read_text())
+    bench["methods"], bench["budgets"], bench["seeds"] = [{"name": "kn", "responses": ["soft"]}], [40], [0]
+    toy_bench.write_text(yaml.safe_dump(bench))
+    out, rows = run_bench(toy_bench, log=lambda *a: None)
+    cell = out / "cells" / "none" / "kn-soft-40-s0"
+
+    # where the cell runs, not how: read back as before (no cell runs)
+    bench["set"] = {**bench["set"], "threads": 1}
+    toy_bench.write_text(yaml.safe_dump(bench))
+    lines: list[str] = []
+    _, again = run_bench(toy_bench, log=lines.append)
+    assert _cells_run(lines) == [] and again == rows
+    before = {p: p.read_bytes() for p in [out / "bench.yaml", cell / "result.json", cell / "config.yaml"]}
+
+    # how the cell learns: refused, naming the cell and the setting, and nothing touched
+    bench["set"]["distill.lr"] = 0.05
+    toy_bench.write_text(yaml.safe_dump(bench))
+    with pytest.raises(ConfigError, match=r"kn-soft-40-s0 \(distill.lr: 0.02 -> 0.05\)") as error:
+        run_bench(toy_bench, log=lambda *a: None)
+    assert "another --out" in str(error.value)
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_a_shared_gan_made_with_another_schedule_is_refused(toy_bench, toy_runs):
+    from b2kd.bench import gan_dir, prepare_bench
+    from b2kd.config import save_config
+
+    bench = yaml.safe_load(toy_bench.read_text())
+    bench["methods"], bench["budgets"], bench["seeds"] = [{"name": "mekd", "responses": ["soft"]}], [40], [0, 1]
+    bench["set"] = {**bench["set"], "deprivatize.epochs": 2}
+    toy_bench.write_text(yaml.safe_dump(bench))
+    loaded, base = load_bench(toy_bench)
+    out = toy_bench.parent / "out"
+    # seed 1's GAN as this bench file makes it; seed 0's made with 3 epochs, and another alpha
+    for seed, epochs, alpha in ((1, 2, None), (0, 3, 0.0)):
+        options = {**bench["set"], "seed": seed, "deprivatize.epochs": epochs,
+                   "teacher.checkpoint": toy_runs["cfg"].teacher.checkpoint}
+        if alpha is not None:
+            options["deprivatize.alpha"] = alpha
+        save_config(load_config(base, options), gan_dir(out, loaded.gaps[0], seed) / "config.yaml")
+    with pytest.raises(ConfigError) as error:
+        prepare_bench(toy_bench, out, lambda *a: None)
+    message = str(error.value)
+    assert message.startswith("1 directory in this bench's OUT was made with other settings")
+    assert "gan-s0 (deprivatize.alpha: 0.0 -> 0.5; deprivatize.epochs: 3 -> 2)" in message
+    assert "gan-s1" not in message
+    assert not (out / "bench.yaml").exists()  # refused before anything was written

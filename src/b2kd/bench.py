@@ -4,7 +4,9 @@ A bench file names a base run config and a matrix: methods x response kinds x
 query budgets x seeds, optionally under several distribution gaps. Every cell
 is an ordinary `b2kd distill` run directory under ``OUT/cells``; a finished
 cell (its ``result.json``) is read back, not re-run, and a failed cell is
-recorded and the rest go on.
+recorded and the rest go on. Before anything runs, every cell and shared GAN
+already in OUT is checked against the settings the bench file gives it now
+(:mod:`b2kd.bench_reuse`): a stale one is an error, never silently reused.
 
 Budget sweeps reuse paid responses. Pools nest (a smaller budget's pool is a
 prefix of a larger one's with the same seed), and every cell of one gap and
@@ -26,6 +28,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from b2kd.bench_reuse import GAN_KEYS, TEACHER_KEYS, check_reuse, mismatch
 from b2kd.config import ConfigError, load_config
 from b2kd.methods import get_method
 
@@ -113,15 +116,17 @@ def prepare_bench(path: str | Path, out: str | Path | None, log=print, train_tea
     (trained into OUT/teacher first when none is given: by ``train_teacher(cfg, dir)`` if set)."""
     bench, base = load_bench(path)
     out = Path(out or bench.out).resolve()  # absolute: cells may run in other processes
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.yaml").write_text(yaml.safe_dump(bench.model_dump(), sort_keys=False))
     # the one teacher of every cell: the base config with the bench's `set`, at the base's own seed,
     # so that it does not depend on which seeds, gaps or methods the bench lists
     base_cfg = load_config(base, bench.set)
+    given = bench.teacher or base_cfg.teacher.checkpoint
+    teacher = given or str(out / "teacher" / "teacher.pt")
+    # nothing runs (and bench.yaml is not overwritten) if OUT holds work made with other settings
+    check_reuse(stale_dirs(bench, base, out, teacher, None if given else base_cfg))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.yaml").write_text(yaml.safe_dump(bench.model_dump(), sort_keys=False))
 
-    teacher = bench.teacher or base_cfg.teacher.checkpoint
-    if not teacher:
-        teacher = str(out / "teacher" / "teacher.pt")
+    if not given:
         if not Path(teacher).is_file():
             from b2kd.pipeline import run_teacher
 
@@ -130,6 +135,23 @@ def prepare_bench(path: str | Path, out: str | Path | None, log=print, train_tea
     if not Path(teacher).is_file():
         raise ConfigError(f"teacher checkpoint not found: {teacher}")
     return bench, base, out, str(Path(teacher).resolve())
+
+
+def stale_dirs(bench: BenchConfig, base: Path, out: Path, teacher: str, teacher_cfg=None) -> list[str | None]:
+    """Why each earlier teacher (when trained into OUT: ``teacher_cfg``), GAN and cell directory
+    of OUT may not be reused by the bench as it is now (None for those that may, or do not exist)."""
+    problems = [mismatch(out / "teacher", teacher_cfg, TEACHER_KEYS)] if teacher_cfg is not None else []
+    for gap in bench.gaps:
+        for seed in bench.seeds:
+            if uses_generator(bench) and gan_dir(out, gap, seed).is_dir():
+                made = cell_config(bench, base, gap, MethodSpec(name="mekd"), "soft", bench.budgets[0], seed,
+                                   teacher, None)  # as _generator makes it
+                problems.append(mismatch(gan_dir(out, gap, seed), made, GAN_KEYS))
+            for spec, response, budget, cell, _ in plan(bench, out, gap, seed):
+                if cell.is_dir():
+                    now = cell_config(bench, base, gap, spec, response, budget, seed, teacher, None)
+                    problems.append(mismatch(cell, now))
+    return problems
 
 
 def uses_generator(bench: BenchConfig) -> bool:
