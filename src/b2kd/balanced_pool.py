@@ -7,6 +7,9 @@ device; the rest of the budget is spent so that every class the teacher has
 reaches an equal share of the pool (counting the first part's answers), and,
 within each class, half of the picks go to the candidates the student is
 least sure of (lowest top probability) and half are random.
+With ``realism_drop``, each class first loses that share of its candidates,
+those deprivatization's discriminator rates least like the private images
+(:mod:`b2kd.realism`).
 
 A class the generator seldom draws (a private set with rare classes makes a
 GAN that drops them) can lack candidates however many are scored. With
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 
 from b2kd.blackbox import top1
 from b2kd.pool import latents, load_or_draw, load_or_synthesise, pay, render, synthesise
+from b2kd.realism import drop_least_real, realism
 
 
 def class_quotas(have: torch.Tensor, available: torch.Tensor, total: int) -> torch.Tensor:
@@ -114,7 +118,7 @@ def with_neighbours(acq, cands, pred, conf, z_first, first_labels, short, sigma,
 
 
 def balanced_pool(acq, first_fraction: float, candidates_per_query: int, fit_steps: int, num_classes: int,
-                  neighbours: float = 0.0, unsure_share: float = 0.5):
+                  neighbours: float = 0.0, unsure_share: float = 0.5, realism_drop: float = 0.0):
     """Pay for a class-balanced generator pool of ``acq.budget`` images; returns (images, answers)."""
     out = acq.out
     n_first = max(1, min(acq.budget, round(acq.budget * first_fraction)))
@@ -129,6 +133,9 @@ def balanced_pool(acq, first_fraction: float, candidates_per_query: int, fit_ste
         # fresh candidates: another seed than the first part's, so none repeats an image paid for
         cands = synthesise(acq.generator, n_rest * candidates_per_query, acq.seed + 1_000_003)
         pred, conf = score(acq.student, cands, acq.device)
+        if realism_drop > 0:  # D's least real candidates of each class are never paid for
+            keep = drop_least_real(pred, realism(acq.discriminator, cands), realism_drop)
+            cands, pred, conf = cands[keep], pred[keep], conf[keep]
         first_labels = top1(first_answers)
         have = torch.bincount(first_labels, minlength=num_classes)
         available = torch.bincount(pred, minlength=num_classes)
@@ -150,6 +157,8 @@ def balanced_pool(acq, first_fraction: float, candidates_per_query: int, fit_ste
     source = "balanced" if neighbours <= 0 else f"balanced-neighbours-{neighbours:g}"
     if unsure_share != 0.5:  # a pool drawn with another share is not reused
         source += f"-unsure-{unsure_share:g}"
+    if realism_drop > 0:
+        source += f"-realism-{realism_drop:g}"
     rest = load_or_draw(out / "pool-balanced.pt", n_rest, acq.seed, source, draw)
     rest_answers = pay(acq.teacher, rest, acq.query_batch, acq.on_paid)
     return torch.cat([first, rest]), torch.cat([first_answers, rest_answers])

@@ -187,6 +187,9 @@ class DistillConfig(_Section):
     # default FixMatch threshold (0.1 / 0.2 / 0.5: 91.26 / 90.78 / 88.68%, off 85.00%); at threshold
     # 0.8, 0.2 was better (93.74 / 92.08%): bench-mnist-gap.yaml sets both (docs/benchmarks.md)
     balance_neighbours: float = Field(0.1, ge=0)
+    # share of each class's candidates dropped before the picks, those deprivatization's
+    # discriminator rates least like the private images (b2kd.realism); 0: off
+    balance_realism: float = Field(0.0, ge=0, lt=1)
     # baselines (b2kd.methods); each reads only its own keys
     dkd_alpha: float = 1.0  # DKD target-class term
     dkd_beta: float = 8.0  # DKD non-target-class term

@@ -19,7 +19,7 @@ import torch
 from b2kd import distributed
 from b2kd.blackbox import to_probs
 from b2kd.edge import BlackBoxTeacher
-from b2kd.checkpoint import atomic_save, load_resumed, read, save_generator
+from b2kd.checkpoint import atomic_save, load_resumed, module_checkpoint, read, save_generator
 from b2kd.config import DeprivatizeConfig
 from b2kd.diffaugment import diff_augment
 from b2kd.engine import epoch_generator
@@ -237,4 +237,6 @@ def deprivatize(
             "num_classes": teacher.num_classes, "epochs": cfg.epochs, "queries": teacher.spent,
             "selected_epoch": selected_epoch, "score": best["score"] if best["state"] is not None else None}
     save_generator(gen.cpu(), out / "generator.pt", **meta)
+    # D of the last epoch, for the balanced pool's realism filter (b2kd.realism)
+    atomic_save(module_checkpoint("discriminator", disc.cpu(), epoch=cfg.epochs - 1), out / "discriminator.pt")
     return {**meta, "generator": str(out / "generator.pt"), "samples": str(grid)}

@@ -77,6 +77,7 @@ def distill(
     local_model: torch.nn.Module | None = None,
     unlabelled: torch.Tensor | None = None,
     setup: tuple[torch.Tensor, torch.Tensor] | None = None,
+    discriminator: torch.nn.Module | None = None,
 ) -> dict:
     """Run one distillation; returns a summary (queries, throughput, selection).
 
@@ -84,7 +85,8 @@ def distill(
     come from local data; generator methods never see it. ``unlabelled`` (the
     same images, with ``distill.local_unlabelled``) trains the student on the
     device and is never given to the teacher. ``local_model`` (the teacher's
-    own network) reaches white-box methods only.
+    own network) reaches white-box methods only. ``discriminator`` (deprivatization's D)
+    scores the balanced pool's candidates with ``distill.balance_realism``.
     """
     out = Path(out)
     d = cfg.distill
@@ -120,6 +122,7 @@ def distill(
         fit=fit, generator=generator, private=private, query_batch=d.query_batch, on_paid=on_paid,
         local_model=local_model if method.white_box else None,
         setup=setup if method.source == "generator" else None,
+        discriminator=discriminator,
     )
     # gray-box answers (+embedding kinds): the teacher's embeddings of the pool, read from the ledger
     with_features = teacher.kind.embedding and d.feature_weight > 0

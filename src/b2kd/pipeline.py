@@ -212,12 +212,17 @@ def run_distill(cfg: Config, out: str | Path, log=print) -> dict:
     local_model = None
     if method.white_box and distributed.is_main():
         local_model = teacher.backend.model.to(device)
+    discriminator = None
+    if generator is not None and d.pool == "balanced" and d.balance_realism > 0:
+        from b2kd.realism import load_discriminator
+
+        discriminator = load_discriminator(cfg.deprivatize.generator).to(device)
     start = time.perf_counter()
     with _progress(f"{d.method}/{d.response} queries", d.budget, teacher.spent) as bar:
         summary = distill(cfg, teacher, generator, out, device, bar.update, log,
                           private=private if method.source == "local" else None,
                           local_model=local_model, unlabelled=private if d.local_unlabelled else None,
-                          setup=setup)
+                          setup=setup, discriminator=discriminator)
     summary["seconds"] = time.perf_counter() - start
     teacher.ledger.close()
     if distributed.is_main():

@@ -39,6 +39,7 @@ class Acquisition:
     on_paid: Callable[[int], None] | None = None
     local_model: torch.nn.Module | None = None
     setup: tuple[torch.Tensor, torch.Tensor] | None = None  # deprivatization's paid (images, answers)
+    discriminator: torch.nn.Module | None = None  # deprivatization's D (distill.balance_realism)
 
 
 class Method(ABC):
@@ -83,7 +84,8 @@ class Method(ABC):
 
             images, responses = balanced_pool(acq, self.cfg.balance_first, self.cfg.balance_candidates,
                                               self.cfg.balance_fit_steps, acq.teacher.num_classes,
-                                              self.cfg.balance_neighbours, self.cfg.balance_unsure)
+                                              self.cfg.balance_neighbours, self.cfg.balance_unsure,
+                                              self.cfg.balance_realism)
         else:
             images = load_or_synthesise(acq.generator, acq.budget, acq.seed, acq.out / "pool.pt")
             responses = pay(acq.teacher, images, acq.query_batch, acq.on_paid)
