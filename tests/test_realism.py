@@ -67,3 +67,13 @@ def test_realism_filter_pays_for_images_d_rates_more_real(toy_runs, tmp_path):
     plain, filtered = (realism(disc, rests[s]["images"]) for s in (0.0, 0.5))
     # dropping the lower half of a score raises its mean by about 0.8 sd (0.0 if D were ignored)
     assert filtered.mean() - plain.mean() > 0.4 * plain.std()
+
+
+def test_truncated_candidates_are_generator_images_of_scaled_latents():
+    from b2kd.models import Generator
+    from b2kd.pool import latents, render, synthesise
+
+    torch.manual_seed(0)
+    generator = Generator(10, 28, 1, (16, 8))
+    assert torch.equal(synthesise(generator, 50, 3, sd=0.5), render(generator, 0.5 * latents(50, 10, 3)))
+    assert torch.equal(synthesise(generator, 50, 3), render(generator, latents(50, 10, 3)))

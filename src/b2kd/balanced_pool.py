@@ -9,7 +9,8 @@ within each class, half of the picks go to the candidates the student is
 least sure of (lowest top probability) and half are random.
 With ``realism_drop``, each class first loses that share of its candidates,
 those deprivatization's discriminator rates least like the private images
-(:mod:`b2kd.realism`).
+(:mod:`b2kd.realism`). With ``candidate_sd`` below 1 the candidates are drawn
+from a narrower latent distribution (the truncation trick); the first part is not.
 
 A class the generator seldom draws (a private set with rare classes makes a
 GAN that drops them) can lack candidates however many are scored. With
@@ -118,7 +119,8 @@ def with_neighbours(acq, cands, pred, conf, z_first, first_labels, short, sigma,
 
 
 def balanced_pool(acq, first_fraction: float, candidates_per_query: int, fit_steps: int, num_classes: int,
-                  neighbours: float = 0.0, unsure_share: float = 0.5, realism_drop: float = 0.0):
+                  neighbours: float = 0.0, unsure_share: float = 0.5, realism_drop: float = 0.0,
+                  candidate_sd: float = 1.0):
     """Pay for a class-balanced generator pool of ``acq.budget`` images; returns (images, answers)."""
     out = acq.out
     n_first = max(1, min(acq.budget, round(acq.budget * first_fraction)))
@@ -131,7 +133,8 @@ def balanced_pool(acq, first_fraction: float, candidates_per_query: int, fit_ste
     def draw() -> torch.Tensor:
         acq.fit(first, first_answers, fit_steps)
         # fresh candidates: another seed than the first part's, so none repeats an image paid for
-        cands = synthesise(acq.generator, n_rest * candidates_per_query, acq.seed + 1_000_003)
+        cands = synthesise(acq.generator, n_rest * candidates_per_query, acq.seed + 1_000_003,
+                           sd=candidate_sd)
         pred, conf = score(acq.student, cands, acq.device)
         if realism_drop > 0:  # D's least real candidates of each class are never paid for
             keep = drop_least_real(pred, realism(acq.discriminator, cands), realism_drop)
@@ -159,6 +162,8 @@ def balanced_pool(acq, first_fraction: float, candidates_per_query: int, fit_ste
         source += f"-unsure-{unsure_share:g}"
     if realism_drop > 0:
         source += f"-realism-{realism_drop:g}"
+    if candidate_sd != 1.0:
+        source += f"-sd-{candidate_sd:g}"
     rest = load_or_draw(out / "pool-balanced.pt", n_rest, acq.seed, source, draw)
     rest_answers = pay(acq.teacher, rest, acq.query_batch, acq.on_paid)
     return torch.cat([first, rest]), torch.cat([first_answers, rest_answers])

@@ -190,6 +190,9 @@ class DistillConfig(_Section):
     # share of each class's candidates dropped before the picks, those deprivatization's
     # discriminator rates least like the private images (b2kd.realism); 0: off
     balance_realism: float = Field(0.0, ge=0, lt=1)
+    # sd of the latents the balanced pool's candidates are drawn from (below 1: the truncation
+    # trick, more typical and less diverse images); the first, random part keeps N(0, I)
+    balance_latent_sd: float = Field(1.0, gt=0)
     # baselines (b2kd.methods); each reads only its own keys
     dkd_alpha: float = 1.0  # DKD target-class term
     dkd_beta: float = 8.0  # DKD non-target-class term

@@ -85,7 +85,7 @@ class Method(ABC):
             images, responses = balanced_pool(acq, self.cfg.balance_first, self.cfg.balance_candidates,
                                               self.cfg.balance_fit_steps, acq.teacher.num_classes,
                                               self.cfg.balance_neighbours, self.cfg.balance_unsure,
-                                              self.cfg.balance_realism)
+                                              self.cfg.balance_realism, self.cfg.balance_latent_sd)
         else:
             images = load_or_synthesise(acq.generator, acq.budget, acq.seed, acq.out / "pool.pt")
             responses = pay(acq.teacher, images, acq.query_batch, acq.on_paid)
