@@ -307,3 +307,24 @@ def test_a_shared_gan_made_with_another_schedule_is_refused(toy_bench, toy_runs)
     assert "gan-s0 (deprivatize.alpha: 0.0 -> 0.5; deprivatize.epochs: 3 -> 2)" in message
     assert "gan-s1" not in message
     assert not (out / "bench.yaml").exists()  # refused before anything was written
+
+
+def test_by_response_sets_one_responses_cells_only(toy_bench):
+    from b2kd.bench import cell_config
+
+    bench = yaml.safe_load(toy_bench.read_text())
+    bench["methods"] = [{"name": "mekd", "responses": ["soft", "hard"], "set": {"distill.lr": 0.03},
+                         "by_response": {"soft": {"distill.balance_realism": 0.5}}}]
+    toy_bench.write_text(yaml.safe_dump(bench))
+    loaded, base = load_bench(toy_bench)
+    spec, gap = loaded.methods[0], loaded.gaps[0]
+    soft, hard = (cell_config(loaded, base, gap, spec, r, 40, 0, None, None) for r in ("soft", "hard"))
+    assert soft.distill.balance_realism == 0.5 and hard.distill.balance_realism == 0.0
+    assert soft.distill.lr == hard.distill.lr == 0.03
+    # a response the method does not run, or a key that would split the shared GAN, is refused
+    for by_response, message in (({"hard:1": {"distill.lr": 0.1}}, "not among its responses"),
+                                 ({"hard": {"deprivatize.epochs": 3}}, "distill.\\* keys only")):
+        bench["methods"][0]["by_response"] = by_response
+        toy_bench.write_text(yaml.safe_dump(bench))
+        with pytest.raises(ConfigError, match=message):
+            load_bench(toy_bench)

@@ -44,6 +44,9 @@ class MethodSpec(BaseModel):
     name: str
     responses: list[str] = ["soft"]
     set: dict[str, Any] = {}  # overrides for this method's cells only
+    # overrides for one response's cells, e.g. {soft: {distill.balance_realism: 0.5}}; distill.*
+    # keys only, since the method's responses share one GAN per gap and seed
+    by_response: dict[str, dict[str, Any]] = {}
 
 
 class GapSpec(BaseModel):
@@ -82,6 +85,15 @@ def load_bench(path: str | Path) -> tuple[BenchConfig, Path]:
     for budget in bench.budgets:
         if budget < 1:
             raise ConfigError(f"{path}: budgets must be positive, got {budget}")
+    for spec in bench.methods:
+        for response, options in spec.by_response.items():
+            if response not in spec.responses:
+                raise ConfigError(f"{path}: {spec.name}'s by_response names '{response}', which is not"
+                                  f" among its responses {spec.responses}")
+            other = [key for key in options if not key.startswith("distill.")]
+            if other:
+                raise ConfigError(f"{path}: {spec.name}'s by_response may set distill.* keys only"
+                                  f" (its responses share one GAN), got {other}")
     methods = [spec.name for spec in bench.methods]
     if len(set(methods)) != len(methods):
         raise ConfigError(f"{path}: a method is listed more than once: {methods}")
@@ -98,7 +110,8 @@ def load_bench(path: str | Path) -> tuple[BenchConfig, Path]:
 
 def cell_config(bench: BenchConfig, base: Path, gap: GapSpec, spec: MethodSpec, response: str,
                 budget: int, seed: int, teacher: str | None, generator: str | None, shared: str | None = None):
-    options = {**bench.set, **gap.set, **spec.set, "distill.method": spec.name,
+    options = {**bench.set, **gap.set, **spec.set, **spec.by_response.get(response, {}),
+               "distill.method": spec.name,
                "distill.response": response, "distill.budget": budget, "seed": seed}
     if teacher:
         options["teacher.checkpoint"] = teacher
