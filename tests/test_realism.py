@@ -77,3 +77,14 @@ def test_truncated_candidates_are_generator_images_of_scaled_latents():
     generator = Generator(10, 28, 1, (16, 8))
     assert torch.equal(synthesise(generator, 50, 3, sd=0.5), render(generator, 0.5 * latents(50, 10, 3)))
     assert torch.equal(synthesise(generator, 50, 3), render(generator, latents(50, 10, 3)))
+
+
+def test_realism_without_a_balanced_pool_is_refused(toy_runs, tmp_path):
+    from b2kd.config import ConfigError
+    from b2kd.pipeline import run_distill
+
+    cfg = toy_runs["cfg"].model_copy(deep=True)
+    cfg.distill.pool, cfg.distill.balance_realism = "random", 0.5
+    with pytest.raises(ConfigError, match="distill.pool=balanced"):
+        run_distill(cfg, tmp_path / "random", lambda *a, **k: None)
+    assert not (tmp_path / "random" / "ledger.sqlite").exists()  # refused before anything is paid
