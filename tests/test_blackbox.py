@@ -112,3 +112,30 @@ def test_images_not_kept_when_asked(model, tmp_path):
     teacher.query(_images(3))
     assert teacher.ledger.images() == ([], None)
     assert teacher.ledger.private_images_sent(_images(3)) == 3  # hashes alone prove it
+
+
+def _open_ledger(path: str, barrier, results) -> None:
+    barrier.wait(timeout=300)  # a loaded machine may take minutes to start a spawned torch process
+    try:
+        Ledger(path).close()
+        results.put("ok")
+    except Exception as error:  # the race this test is about: sqlite3's "database is locked"
+        results.put(repr(error))
+
+
+def test_processes_opening_one_new_ledger_at_once_all_succeed(tmp_path):
+    # before Ledger retried, 6 processes opening a new ledger together failed in most trials
+    # (SQLite breaks the lock deadlock of two WAL switches by refusing one at once)
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    for attempt in range(3):  # the race is timing-dependent: three new ledgers
+        barrier, results = ctx.Barrier(6), ctx.Queue()
+        path = str(tmp_path / f"shared-{attempt}.sqlite")
+        procs = [ctx.Process(target=_open_ledger, args=(path, barrier, results)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=600) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+        assert outcomes == ["ok"] * 6

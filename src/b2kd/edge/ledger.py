@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from b2kd.blackbox.base import BlackBoxError
+from b2kd.sqlite_lock import while_locked
 from b2kd.blackbox.responses import ResponseKind
 from b2kd.blackbox.validate import InvalidAnswer, embedding_problem, invalid_rows, problem
 
@@ -74,9 +75,9 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.keep_images = keep_images
         self._db = sqlite3.connect(self.path, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        while_locked(lambda: self._db.execute("PRAGMA journal_mode=WAL"))
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        while_locked(lambda: self._db.executescript(SCHEMA))
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(queries)")}
         if "embedding" not in columns:  # a ledger written before gray-box answers existed
             with self._db:

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from b2kd.sqlite_lock import while_locked
+
 #: Stands for every caller of a server that has no API keys.
 ANONYMOUS = "anonymous"
 PURGE_EVERY_S = 60.0  # how often expired records and abandoned reservations are deleted
@@ -279,7 +281,7 @@ class SQLiteStore(Store):
         self._db = sqlite3.connect(path, timeout=timeout_s, isolation_level=None, check_same_thread=False)
         self._lock = threading.Lock()
         with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
+            while_locked(lambda: self._db.execute("PRAGMA journal_mode=WAL"), timeout_s)
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a commit survives kill -9
         super().__init__(quotas, **kw)
 
