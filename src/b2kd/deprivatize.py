@@ -26,14 +26,9 @@ from b2kd.engine import epoch_generator
 from b2kd.gan_score import answer_score
 from b2kd.grid import save_grid
 from b2kd.losses import gan_discriminator_loss, gan_generator_loss, information_maximisation
-from b2kd.models import Discriminator, Generator, quantize_uint8
+from b2kd.models import Discriminator, Generator, from_uint8, quantize_uint8
 from b2kd.real_balance import balancing_weights, fit_labeller, label_private, make_labeller
 from b2kd.weight_average import weight_average
-
-
-def _to_gan_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1], the generator's output range."""
-    return images.float() / 127.5 - 1.0
 
 
 def dcgan_init(module: torch.nn.Module) -> None:
@@ -146,7 +141,7 @@ def deprivatize(
         disc.train()
         for step in range(steps_per_epoch):
             idx, share = distributed.my_indices(perm[step * batch : (step + 1) * batch])
-            real = _to_gan_range(real_all[idx]).to(device)
+            real = from_uint8(real_all[idx]).to(device)
             z = torch.randn(len(idx), teacher.num_classes, generator=own).to(device)
             fake = g_train(z)
 

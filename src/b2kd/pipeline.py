@@ -218,7 +218,7 @@ def run_distill(cfg: Config, out: str | Path, log=print) -> dict:
     if method.white_box and distributed.is_main():
         local_model = teacher.backend.model.to(device)
     discriminator = None
-    if generator is not None and d.pool == "balanced" and d.balance_realism > 0:
+    if d.balance_realism > 0:  # a generator method's balanced pool (checked above)
         from b2kd.realism import load_discriminator
 
         discriminator = load_discriminator(cfg.deprivatize.generator).to(device)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from b2kd.checkpoint import CheckpointError, read
+from b2kd.models import Discriminator, from_uint8
 
 
 def discriminator_path(generator_path: str | Path) -> Path:
@@ -30,8 +31,6 @@ def discriminator_path(generator_path: str | Path) -> Path:
 
 def load_discriminator(generator_path: str | Path) -> torch.nn.Module:
     """D of the GAN whose generator is ``generator_path``, frozen, in eval mode."""
-    from b2kd.models import Discriminator
-
     path = discriminator_path(generator_path)
     ckpt = read(path)
     if ckpt["kind"] == "discriminator":
@@ -52,7 +51,7 @@ def load_discriminator(generator_path: str | Path) -> torch.nn.Module:
 def realism(disc: torch.nn.Module, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
     """D's logit on uint8 images (higher: more like the private images), on D's device."""
     device = next(disc.parameters()).device
-    return torch.cat([disc(images[i : i + batch].to(device).float() / 127.5 - 1.0).flatten().cpu()
+    return torch.cat([disc(from_uint8(images[i : i + batch].to(device))).flatten().cpu()
                       for i in range(0, len(images), batch)])
 
 

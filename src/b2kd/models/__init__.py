@@ -2,7 +2,7 @@
 
 # Importing the architecture modules registers them in ``MODELS``.
 from . import lenet, mobilenet, resnet, vgg  # noqa: F401
-from .gan import Discriminator, Generator, quantize_uint8, to_unit
+from .gan import Discriminator, Generator, from_uint8, quantize_uint8, to_unit
 from .normalize import Classifier
 from .registry import MODELS, available_models, build_model, count_parameters, register
 
@@ -14,6 +14,7 @@ __all__ = [
     "available_models",
     "build_model",
     "count_parameters",
+    "from_uint8",
     "quantize_uint8",
     "register",
     "to_unit",

@@ -104,6 +104,11 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return (x + 1) / 2
 
 
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 bytes [0, 255] -> float [-1, 1], the generator's output range (what D reads)."""
+    return images.float() / 127.5 - 1.0
+
+
 def quantize_uint8(x: torch.Tensor) -> torch.Tensor:
     """Generator output in [-1, 1] -> uint8 bytes, ``round((x + 1) / 2 * 255)``.
 
