@@ -16,6 +16,7 @@ import torch
 from b2kd import distributed
 from b2kd.blackbox import top1
 from b2kd.edge import BlackBoxTeacher
+from b2kd.checkpoint import atomic_save
 from b2kd.config import Config
 from b2kd.data import Augment
 from b2kd.data.augment import StrongAugment
@@ -26,6 +27,44 @@ from b2kd.models import build_model
 from b2kd.runtime import fast_layout
 from b2kd.semisup import ClassThresholds, LocalUnlabelled
 from b2kd.weight_average import weight_average
+
+
+VAL_SLICE = "val-slice.pt"  # the pool's held-out slice and the teacher's top-1 on it
+
+
+def device_terms(d, student: torch.nn.Module, private: torch.Tensor | None, anchor_targets, augment,
+                 device: torch.device) -> list:
+    """The loss terms that read private images on the device (never sent): the anchored images'
+    transferred labels and CORAL feature alignment; each is ``term(rng) -> (loss, parts)``."""
+    terms = []
+    if anchor_targets is not None and d.anchor_weight > 0:
+        from b2kd.anchored_pool import AnchorLabels
+
+        labels = AnchorLabels(private, *anchor_targets, d.batch_size, d.anchor_weight, augment, device)
+        terms.append(lambda rng: labels.loss(student, rng))
+    if d.coral_weight > 0:
+        if private is None:
+            raise ValueError("distill.coral_weight needs the private images on the device, but none were given")
+        from b2kd.coral import CoralAlign
+
+        align = CoralAlign(student, private, d.batch_size, d.coral_weight, augment, device)
+        terms.insert(0, lambda rng: align.loss(student, rng))  # first: it reads the paid batch's features
+    return terms
+
+
+def combined(terms: list, rng: torch.Generator):
+    """``extra()`` for :func:`train_step`: the sum of the terms and their parts (None without terms)."""
+    if not terms:
+        return None
+
+    def extra() -> tuple[torch.Tensor, dict[str, float]]:
+        total, parts = 0.0, {}
+        for term in terms:
+            loss, more = term(rng)
+            total, parts = total + loss, {**parts, **more}
+        return total, parts
+
+    return extra
 
 
 def split_pool(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +161,7 @@ def distill(
         fit=fit, generator=generator, private=private, query_batch=d.query_batch, on_paid=on_paid,
         local_model=local_model if method.white_box else None,
         setup=setup if method.source == "generator" else None,
-        discriminator=discriminator,
+        discriminator=discriminator, anchors_from=unlabelled if method.source == "generator" else None,
     )
     # gray-box answers (+embedding kinds): the teacher's embeddings of the pool, read from the ledger
     with_features = teacher.kind.embedding and d.feature_weight > 0
@@ -188,6 +227,9 @@ def distill(
                                 d.unlabelled_threshold, d.unlabelled_weight, augment,
                                 StrongAugment.scaled(d.unlabelled_strength),
                                 device, adaptive, d.unlabelled_sharpen)
+    terms = device_terms(d, student, unlabelled, acq.anchor_targets, augment, device)
+    if local is not None:
+        terms.append(lambda rng: local.loss(student, rng, labeller))
     engine = Engine(out, student, optimizer, scheduler, epochs, cfg.seed, select=select, meta=meta,
                     schedule_per="step", writes=distributed.is_main(), extras=extras,
                     evaluated=evaluated)
@@ -202,7 +244,7 @@ def distill(
         start = time.perf_counter()
         for step in range(steps):
             idx = order[step * batch : (step + 1) * batch].to(device)
-            extra = None if local is None else (lambda: local.loss(student, rng, labeller))
+            extra = combined(terms, rng)
             # every rank augments the whole batch (the same draws as one process) and trains on its part
             idx, x, weight = distributed.my_part(idx, augment(images[idx], generator=rng))
             loss, parts = train_step(method, trainee, optimizer, x, idx, d.grad_clip, extra, weight, features)
@@ -232,6 +274,9 @@ def distill(
             f"{val} {r['img_per_s']:.0f} img/s ({r['seconds']:.0f}s)")
 
     summary = engine.run(train_epoch, validate if len(val_idx) else None, report_epoch)
+    if distributed.is_main() and len(val_idx):  # what the report's synthetic-vs-real table reads
+        atomic_save({"kind": "val_slice", "images": images[val_idx].cpu(),
+                     "teacher_top1": teacher_top1[val_idx].cpu()}, out / VAL_SLICE)
     totals = teacher.ledger.totals()
     return {
         **summary,

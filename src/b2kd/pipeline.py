@@ -185,7 +185,8 @@ def run_distill(cfg: Config, out: str | Path, log=print) -> dict:
         raise ConfigError(f"method '{d.method}' is white-box (it reads the teacher's weights and"
                           " gradients) and cannot run against a remote teacher; drop teacher.url")
     # a local-data method (KN, KD, ...) queries private images as they are and needs no generator
-    private = edge_private_images(cfg) if method.source == "local" or d.local_unlabelled else None
+    on_device = d.local_unlabelled or (method.source == "generator" and d.anchor_share > 0) or d.coral_weight > 0
+    private = edge_private_images(cfg) if method.source == "local" or on_device else None
     generator = None
     if method.source == "generator":
         if not cfg.deprivatize.generator:
@@ -226,7 +227,7 @@ def run_distill(cfg: Config, out: str | Path, log=print) -> dict:
     with _progress(f"{d.method}/{d.response} queries", d.budget, teacher.spent) as bar:
         summary = distill(cfg, teacher, generator, out, device, bar.update, log,
                           private=private if method.source == "local" else None,
-                          local_model=local_model, unlabelled=private if d.local_unlabelled else None,
+                          local_model=local_model, unlabelled=private if on_device else None,
                           setup=setup, discriminator=discriminator)
     summary["seconds"] = time.perf_counter() - start
     teacher.ledger.close()
