@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from toy import PLAIN_DISTILL
 
 # Two threads per test process (the CI machine has 2 cores), unless OMP_NUM_THREADS says otherwise:
 # on a machine shared with other jobs, oversubscribed OpenMP threads slow every process several-fold.
@@ -23,7 +24,7 @@ TOY_RUNS = {
     "deprivatize": {"epochs": 1, "widths": [16, 8], "max_queries": 40, "query_every": 2,
                     "query_batch": 4},
     "distill": {"student": "lenet5", "budget": 200, "epochs": 2, "batch_size": 32,
-                "query_batch": 64, "response": "soft"},
+                "query_batch": 64, "response": "soft", **PLAIN_DISTILL},
 }
 
 
@@ -77,7 +78,7 @@ LEARNING = {
     "deprivatize": {"epochs": 10, "batch_size": 16, "lr": 1e-3, "init": "default",
                     "diffaugment": [], "ema": None, "select": "last"},
     "distill": {"method": "mekd", "response": "soft", "budget": 1000, "steps": 300, "lr": 0.05,
-                "grad_clip": 5, "select": "last", "pool": "random", "reuse_setup": False,
+                "grad_clip": 5, "warmup_steps": 0, "select": "last", "pool": "random", "reuse_setup": False,
                 "local_unlabelled": False},
 }
 

@@ -27,6 +27,7 @@ from b2kd.edge import Ledger
 from b2kd.checkpoint import read
 from b2kd.cli import app
 from b2kd.config import load_config
+from toy import PLAIN_DISTILL
 
 N_TRAIN, N_TEST = 800, 200
 BUDGET = 200
@@ -44,7 +45,7 @@ TOY = {
     "deprivatize": {"epochs": 1, "widths": [16, 8], "max_queries": MAX_QUERIES,
                     "query_every": 2, "query_batch": 4},
     "distill": {"student": "lenet5", "budget": BUDGET, "epochs": 2, "batch_size": 32,
-                "query_batch": QUERY_BATCH},
+                "query_batch": QUERY_BATCH, **PLAIN_DISTILL},
 }
 
 # The installed console script (a real process for kill -9), else the same entry point via -m.

@@ -12,7 +12,7 @@ def test_defaults_file_options_and_overrides_in_order(tmp_path):
     assert cfg.seed == 3
     assert cfg.distill.epochs == 5  # override beats file
     assert cfg.distill.budget == 500  # option beats file
-    assert cfg.distill.student == "resnet8"  # None means "not given"
+    assert cfg.distill.student == "lenet5"  # None means "not given": the default
     assert cfg.distill.milestones == [1, 2]
     assert cfg.deprivatize.widths == (32, 16)
 

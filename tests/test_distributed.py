@@ -28,6 +28,7 @@ import yaml
 
 from b2kd.checkpoint import read
 from b2kd.config import Config
+from toy import PLAIN_DISTILL
 
 BUDGET, EPOCHS = 200, 12
 # a student distilled 2 x 16 and one distilled 1 x 32 agree to these tolerances (measured max
@@ -91,7 +92,7 @@ def _teacher_config(root: Path) -> dict:
             "teacher": {"arch": "lenet5", "epochs": 4, "batch_size": 32, "lr": 0.1},
             # KN (Knockoff): its pool is the private digits themselves (no generator needed)
             "distill": {"method": "kn", "student": "lenet5", "budget": BUDGET, "epochs": EPOCHS,
-                        "batch_size": 32, "query_batch": 64}}
+                        "batch_size": 32, "query_batch": 64, **PLAIN_DISTILL}}
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,12 @@ import yaml
 from b2kd.checkpoint import save_classifier, save_generator
 from b2kd.models import Generator, build_model
 
+# The toy runs test plumbing, not the recipe: a random pool, no warm-up or gradient cap, nothing
+# but the paid pool to train on (the defaults add deprivatization's answers, a class-balanced pool
+# and FixMatch on the private images, tests/test_defaults.py).
+PLAIN_DISTILL = {"lr": 0.1, "warmup_steps": 0, "grad_clip": None, "reuse_setup": False, "pool": "random",
+                 "local_unlabelled": False}
+
 
 def toy_model() -> torch.nn.Module:
     """A seeded, untrained LeNet-5 for 28x28 grey images: answers do not need a trained teacher."""
@@ -32,6 +38,6 @@ def make_toy(root: Path, model: torch.nn.Module) -> Path:
               "deprivatize": {"epochs": 1, "widths": [16, 8], "max_queries": 40, "query_every": 2,
                               "query_batch": 8},
               "distill": {"student": "lenet5", "budget": 200, "epochs": 1, "batch_size": 32,
-                          "query_batch": 64}}
+                          "query_batch": 64, **PLAIN_DISTILL}}
     (root / "toy.yaml").write_text(yaml.safe_dump(config))
     return root
