@@ -35,7 +35,7 @@ from b2kd.methods import get_method
 FIELDS = [
     "gap", "method", "white_box", "response", "budget", "seed", "status", "teacher_acc",
     "student_acc", "student_acc_last", "dev_acc", "fidelity", "queries", "bytes_sent", "bytes_received",
-    "setup_queries", "seconds", "hardware", "error",
+    "setup_queries", "seconds", "hardware", "error", "synthetic_gap", "gap_per_class",
 ]
 
 
@@ -66,6 +66,14 @@ class BenchConfig(BaseModel):
     seeds: list[int] = [0]
     gaps: list[GapSpec] = [GapSpec()]
 
+
+
+def _gap_fields(table: dict | None) -> dict:
+    """A cell's synthetic-to-real distance (b2kd.synthetic_gap): the mean gap in points, and per class."""
+    if table is None or table.get("mean_gap") is None:
+        return {"synthetic_gap": None, "gap_per_class": ""}
+    per_class = " ".join("-" if g is None else f"{100 * g:.1f}" for g in table["gap"])
+    return {"synthetic_gap": 100 * table["mean_gap"], "gap_per_class": per_class}
 
 def load_bench(path: str | Path) -> tuple[BenchConfig, Path]:
     """The bench file, validated (unknown methods and bad keys refused up front), and its base path."""
@@ -219,7 +227,7 @@ def run_cell(bench: BenchConfig, base: Path, gap: GapSpec, spec: MethodSpec, res
     row.update(
         status="ok", teacher_acc=report["teacher_acc"], student_acc=report["student_acc"],
         student_acc_last=report["latest"]["acc"], dev_acc=report.get("dev_acc"),
-        fidelity=report["fidelity"],
+        fidelity=report["fidelity"], **_gap_fields(report.get("synthetic_vs_real")),
         queries=summary["queries"], bytes_sent=summary["bytes_sent"],
         bytes_received=summary["bytes_received"],
         setup_queries=setup_queries if uses_gan else 0,

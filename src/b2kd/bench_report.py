@@ -50,6 +50,8 @@ def summarise(rows: list[dict]) -> list[dict]:
             line["fidelity"] = _mean_std(fid) if fid else None
             dev = [r["dev_acc"] for r in ok if r.get("dev_acc") not in (None, "")]
             line["dev"] = _mean_std([float(v) for v in dev]) if dev else None
+            gaps = [float(r["synthetic_gap"]) for r in ok if r.get("synthetic_gap") not in (None, "")]
+            line["synthetic_gap"] = statistics.mean(gaps) if gaps else None
             line["setup"] = statistics.mean(float(r.get("setup_queries") or 0) for r in ok)
             line["queries"] = statistics.mean(r["queries"] for r in ok)
             line["mb_sent"] = statistics.mean(r["bytes_sent"] for r in ok) / 1e6
@@ -64,6 +66,10 @@ def _pct(ms) -> str:
     return "–" if ms is None else f"{100 * ms[0]:.2f} ± {100 * ms[1]:.2f}"
 
 
+def _gap(points: float | None) -> str:
+    return "–" if points is None else f"{points:.1f}"
+
+
 def markdown(lines: list[dict]) -> str:
     out = []
     for gap in dict.fromkeys(line["gap"] for line in lines):
@@ -72,18 +78,20 @@ def markdown(lines: list[dict]) -> str:
         out.append(f"### gap: {gap}" + (f" (teacher {100 * teacher:.2f}%)" if teacher is not None else ""))
         out.append("")
         out.append("| method | response | budget | seeds | accuracy % (best on val) | accuracy % (last)"
-                   " | dev % | fidelity % | queries (pool + setup) | MB sent | s per cell |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+                   " | dev % | synthetic - real gap (points) | fidelity % | queries (pool + setup) | MB sent"
+                   " | s per cell |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for line in mine:
             name = line["label"].rsplit(" ", 1)[0]
             seeds = f"{line['seeds']}" + (f" ({line['failed']} failed)" if line["failed"] else "")
             if line["seeds"]:
                 setup = f" + {line['setup']:.0f}" if line["setup"] else ""
                 out.append(f"| {name} | {line['response']} | {line['budget']} | {seeds} | {_pct(line['acc'])}"
-                           f" | {_pct(line['acc_last'])} | {_pct(line['dev'])} | {_pct(line['fidelity'])}"
+                           f" | {_pct(line['acc_last'])} | {_pct(line['dev'])} | {_gap(line['synthetic_gap'])}"
+                           f" | {_pct(line['fidelity'])}"
                            f" | {line['queries']:.0f}{setup} | {line['mb_sent']:.1f} | {line['seconds']:.0f} |")
             else:
-                out.append(f"| {name} | {line['response']} | {line['budget']} | {seeds} | – | – | – | – | – | – | – |")
+                out.append(f"| {name} | {line['response']} | {line['budget']} | {seeds} | – | – | – | – | – | – | – | – |")
         out.append("")
     return "\n".join(out)
 

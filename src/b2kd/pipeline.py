@@ -240,6 +240,7 @@ def run_evaluate(run_dir: str | Path, cfg: Config | None = None) -> dict:
     """Test-set report of a distillation run: last and best-on-validation students."""
     from b2kd import pool_labels
     from b2kd.report import write_report
+    from b2kd.synthetic_gap import synthetic_vs_real
 
     run_dir = Path(run_dir)
     if cfg is None:
@@ -270,6 +271,8 @@ def run_evaluate(run_dir: str | Path, cfg: Config | None = None) -> dict:
             student, _ = load_classifier(run_dir / "checkpoints" / f"{name}.pt")
             result[name]["dev_acc"] = float((predict(student, dev_images) == dev_labels).float().mean())
         result["dev_acc"] = result["best"]["dev_acc"]
+        best, _ = load_classifier(run_dir / "checkpoints" / "best.pt")
+        result["synthetic_vs_real"] = synthetic_vs_real(best, run_dir, dev_images, dev_labels, test.num_classes)
     result["student_acc"] = result["best"]["acc"]
     result["fidelity"] = result["best"].get("fidelity")
     ledger_path = run_dir / "ledger.sqlite"

@@ -38,6 +38,10 @@ def write_report(run_dir: str | Path, result: dict) -> None:
     if best:
         lines += ["", "Per-class test accuracy (best): " + ", ".join(
             f"{k}: {_pct(a)}" for k, a in enumerate(best["per_class_acc"]))]
+    if result.get("synthetic_vs_real"):  # b2kd.synthetic_gap
+        from b2kd.synthetic_gap import markdown as gap_markdown
+
+        lines += gap_markdown(result["synthetic_vs_real"])
     if "pool_labels" in result:  # how the teacher labelled the paid pool (b2kd.pool_labels)
         from b2kd.pool_labels import markdown
 
