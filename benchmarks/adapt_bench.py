@@ -1,4 +1,4 @@
-"""Issue 13: a new task on the edge, learnt from K labelled images per class (`b2kd adapt`).
+"""A new task on the edge, learnt from K labelled images per class (`b2kd adapt`).
 
 The cloud's teacher knows MNIST digits 0-4 only; the edge's private set holds all ten
 digits, unlabelled; MEKD distils a student from the teacher through a GAN trained on the

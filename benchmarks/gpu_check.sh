@@ -1,5 +1,5 @@
 #!/bin/bash
-# The device check of issue 6, as one script for a lent GPU machine (python3 there holds torch):
+# The GPU device check, as one script for a lent GPU machine (python3 there holds torch):
 # the throughput benchmark with and without bf16/torch.compile, then the query-efficiency sweep,
 # three seeds in parallel (each a separate process; the models are small and launch-bound).
 # Needs wheels for the packages the GPU image lacks in .whl/ and the demo's teacher and generator

@@ -1,4 +1,4 @@
-"""Issue 13's gray-box table: MEKD on soft, hard and soft+embedding answers, per query and per MB.
+"""The gray-box table: MEKD on soft, hard and soft+embedding answers, per query and per MB.
 
 Reads the results.csv of `b2kd bench configs/bench-mnist-cpu.yaml` (MEKD's soft and hard cells)
 and of `b2kd bench configs/bench-mnist-graybox.yaml` (its soft+embedding cells: the same cell

@@ -5,7 +5,7 @@ Each (response, budget, seed) cell is a `b2kd distill` run directory under
 curve when matplotlib is installed). Example, after `make demo`:
 
     .venv/bin/python benchmarks/query_efficiency.py --budgets 5000 10000 20000 --seeds 0 \
-        --csv docs/performance/query-efficiency.csv
+        --csv docs/results/query-efficiency-cpu.csv
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", type=int, default=[5000, 10000, 20000, 50000, 100000])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/query-efficiency"))
-    parser.add_argument("--csv", type=Path, default=Path("docs/performance/query-efficiency.csv"))
+    parser.add_argument("--csv", type=Path, default=Path("docs/results/query-efficiency-cpu.csv"))
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides for every cell (e.g. device=cuda distill.epochs=20)")
     parser.add_argument("--variant", default="default", help="name of this setting in the CSV")

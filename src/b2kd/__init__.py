@@ -1,3 +1,3 @@
 """b2kd: black-box knowledge distillation from the cloud to the edge."""
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"

@@ -13,7 +13,7 @@ convolution is an affine map per channel and goes into that convolution's weight
 (``torch.nn.utils.fusion.fuse_conv_bn_eval``), which removes its forward and backward.
 
 MEKD pushes every training step's student logits through the frozen generator and
-back, so this is where its step spends its time (docs/performance.md). Only frozen use
+back, so this is where its step spends its time (docs/results.md, "Speed"). Only frozen use
 is offered: the folded kernels are computed once from the trained weights, and a
 deprivatization GAN keeps training its own layers unchanged.
 """
