@@ -75,8 +75,7 @@ def toy_runs(tmp_path_factory):
 # so that a change of their defaults does not move this run. About 20 s on one thread.
 LEARNING = {
     "teacher": {"epochs": 8, "batch_size": 32},
-    "deprivatize": {"epochs": 10, "batch_size": 16, "lr": 1e-3, "init": "default",
-                    "diffaugment": [], "ema": None, "select": "last"},
+    "deprivatize": {"epochs": 10, "batch_size": 16, "lr": 1e-3},
     "distill": {"method": "mekd", "response": "soft", "budget": 1000, "steps": 300, "lr": 0.05,
                 "grad_clip": 5, "warmup_steps": 0, "select": "last", "pool": "random", "reuse_setup": False,
                 "local_unlabelled": False},

@@ -38,6 +38,47 @@ def test_unknown_keys_and_bad_values_are_clear_errors(tmp_path):
         load_config(bad)
 
 
+def test_an_older_run_config_with_removed_options_loads_with_one_line(tmp_path, caplog):
+    """An older run's config.yaml names every option b2kd had then: the removed ones at the value b2kd
+    kept are dropped without a word; one set otherwise is dropped with one warning line naming it."""
+    old = yaml.safe_load(yaml.safe_dump(load_config().model_dump(mode="json")))
+    old["deprivatize"].update({"init": "default", "diffaugment": [], "ema": None, "select": "last",
+                               "select_from": 0.5, "balance_real": 0.0, "balance_from": 0.25,
+                               "balance_fit_steps": 200, "balance_max_boost": 10.0})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    with caplog.at_level("WARNING", logger="b2kd"):
+        assert load_config(path) == load_config()
+    assert caplog.records == []
+    old["deprivatize"].update({"ema": 0.999, "select": "score"})
+    path.write_text(yaml.safe_dump(old))
+    with caplog.at_level("WARNING", logger="b2kd"):
+        assert load_config(path, overrides=["seed=1"]).seed == 1
+    [line] = [r.getMessage() for r in caplog.records]
+    assert str(path) in line and "\n" not in line
+    assert "deprivatize.ema=0.999 (now always null)" in line and "deprivatize.select=\"score\"" in line
+
+
+def test_a_removed_option_asked_for_is_one_clear_error():
+    with pytest.raises(ConfigError, match=r"deprivatize.ema is no longer an option: .* deprivatize.ema=null"):
+        load_config(overrides=["deprivatize.ema=0.999"])
+    with pytest.raises(ConfigError, match="deprivatize.balance_real is no longer an option"):
+        load_config(None, {"deprivatize.balance_real": 0.5})
+    assert load_config(overrides=["deprivatize.select=last"]) == load_config()  # what b2kd does anyway
+
+
+def test_bench_reuse_sees_a_removed_option_that_was_set():
+    from b2kd.bench_reuse import differences
+
+    now = load_config()
+    stored = now.model_dump(mode="json")
+    stored["deprivatize"]["ema"] = None
+    assert differences(stored, now) == []
+    stored["deprivatize"]["ema"] = 0.999
+    assert differences(stored, now) == ["deprivatize.ema: 0.999 -> removed, always None"]
+    assert differences(stored, now, ("distill.",)) == []
+
+
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(overrides=["distill.response=hard", "data.image_size=32"])
     save_config(cfg, tmp_path / "config.yaml")

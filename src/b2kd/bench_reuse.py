@@ -12,7 +12,8 @@ Not compared: paths that only say where things live (the shared cache, the gener
 file, the run's ``out``), the thread count and device, the network client's waits and
 retries, and the sections a bench cell never reads (serve, distributed, adapt). A key
 missing from the stored config is an option added to b2kd since that run: not a
-difference (new options default to the old behaviour).
+difference (new options default to the old behaviour). A stored option b2kd no longer has
+(:data:`b2kd.config.REMOVED`) is one when it was set to something else than what b2kd kept.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from b2kd.config import ConfigError, Config
+from b2kd.config import ANY, REMOVED, ConfigError, Config
 
 IGNORED = {
     "threads", "device", "out", "teacher.shared_cache", "deprivatize.generator",
@@ -58,8 +59,10 @@ def differences(stored: dict, now: Config, keys: tuple[str, ...] | None = None) 
     """'key: then -> now' for each compared setting that differs (stored: a config.yaml tree)."""
     then = _compared(flatten(stored), keys)
     current = _compared(flatten(now.model_dump(mode="json")), keys)
-    return [f"{k}: {then[k]!r} -> {current[k]!r}" for k in sorted(current)
-            if k in then and then[k] != current[k]]
+    gone = [f"{k}: {then[k]!r} -> removed, always {REMOVED[k]!r}" for k in sorted(then)
+            if k in REMOVED and REMOVED[k] is not ANY and then[k] != REMOVED[k]]
+    return gone + [f"{k}: {then[k]!r} -> {current[k]!r}" for k in sorted(current)
+                   if k in then and then[k] != current[k]]
 
 
 def stored_config(run_dir: Path) -> dict | None:

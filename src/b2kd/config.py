@@ -10,6 +10,8 @@ The defaults are MEKD's recipe: the settings that measured best on the dev split
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,21 +96,6 @@ class DeprivatizeConfig(_Section):
     # 40 under the gaps; chosen on dev); alone, at the demo's 15 epochs, D is too weak and G draws
     # broken strokes (docs/performance.md)
     spectral_norm: bool = False
-    init: Literal["default", "dcgan"] = "default"  # dcgan: N(0, 0.02) weights, BN scales N(1, 0.02)
-    diffaugment: list[Literal["color", "translation", "cutout"]] = []  # before D, real and fake
-    ema: float | None = Field(None, gt=0, lt=1)  # decay of an average of G's weights (None: off)
-    # "score": keep the epoch (from select_from x epochs on) whose paid answers score highest by
-    # b2kd.gan_score (confident and class-balanced; no labels, no test set); "last": the last epoch
-    select: Literal["last", "score"] = "last"
-    select_from: float = Field(0.5, ge=0, lt=1)
-    # class-balanced real batches (b2kd.real_balance): from balance_from x epochs on, a LeNet-5 fitted
-    # on the device to the paid answers (balance_fit_steps more steps each epoch) labels the private
-    # images, and D's real batches are drawn with weights n_c ** -balance_real (0: off; 1: every class
-    # about as often), no image more than balance_max_boost times as often as shuffling draws it
-    balance_real: float = Field(0.0, ge=0, le=1)
-    balance_from: float = Field(0.25, ge=0, lt=1)
-    balance_fit_steps: int = Field(200, ge=1)
-    balance_max_boost: float = Field(10.0, ge=1)
 
 
 class DistillConfig(_Section):
@@ -336,6 +323,41 @@ class Config(_Section):
     adapt: AdaptConfig = AdaptConfig()
 
 
+#: Options b2kd no longer has: each measured no better than the value given here on the dev split,
+#: and b2kd now always runs as that value. ANY: a setting that only mattered beside another one.
+ANY = object()
+REMOVED: dict[str, Any] = {
+    "deprivatize.init": "default",
+    "deprivatize.diffaugment": [],
+    "deprivatize.ema": None,
+    "deprivatize.select": "last",
+    "deprivatize.select_from": ANY,
+    "deprivatize.balance_real": 0.0,
+    "deprivatize.balance_from": ANY,
+    "deprivatize.balance_fit_steps": ANY,
+    "deprivatize.balance_max_boost": ANY,
+}
+_warned: set[tuple[str, str]] = set()
+
+
+def removed_settings(tree: dict) -> list[tuple[str, Any, Any]]:
+    """Pop the removed options out of a config tree; returns (key, value, kept value) for each one
+    set to something else than the behaviour b2kd kept."""
+    changed = []
+    for dotted, kept in REMOVED.items():
+        section, key = dotted.split(".")
+        node = tree.get(section)
+        if isinstance(node, dict) and key in node:
+            value = node.pop(key)
+            if kept is not ANY and value != kept and not (value == () and kept == []):
+                changed.append((dotted, value, kept))
+    return changed
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (str, list, tuple, type(None), bool)) else str(value)
+
+
 #: Secrets that stay out of the config.yaml written into run directories.
 SECRETS = {"teacher": {"api_key"}, "serve": {"api_keys", "metrics_key", "store"}}
 
@@ -383,11 +405,24 @@ def load_config(
             raise ConfigError(f"{path} is not valid YAML: {exc}") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"{path} must hold a mapping of sections")
-    for key, value in (options or {}).items():
-        if value is not None:
-            _set_dotted(tree, key, value)
-    for text in overrides or []:
-        _set_dotted(tree, *parse_override(text))
+        # an older run's config.yaml names options b2kd no longer has: it still loads (to evaluate,
+        # export or resume the run), and one line says which settings of it are not applied
+        changed = removed_settings(tree)
+        line = ", ".join(f"{k}={_shown(v)} (now always {_shown(kept)})" for k, v, kept in changed)
+        if changed and (str(path), line) not in _warned:
+            _warned.add((str(path), line))
+            logging.getLogger("b2kd").warning(
+                f"{path}: ignoring settings of options b2kd no longer has (they measured no better on"
+                f" the dev split): {line}")
+    given = [(k, v) for k, v in (options or {}).items() if v is not None]
+    for key, value in given + [parse_override(text) for text in overrides or []]:
+        if key in REMOVED:
+            kept = REMOVED[key]
+            if kept is ANY or value == kept:
+                continue  # asks for what b2kd does anyway
+            raise ConfigError(f"{key} is no longer an option: it measured no better on the dev split"
+                              f" and b2kd now always runs as {key}={_shown(kept)}; drop it")
+        _set_dotted(tree, key, value)
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:

@@ -21,29 +21,10 @@ from b2kd.blackbox import to_probs
 from b2kd.edge import BlackBoxTeacher
 from b2kd.checkpoint import atomic_save, load_resumed, module_checkpoint, read, save_generator
 from b2kd.config import DeprivatizeConfig
-from b2kd.diffaugment import diff_augment
 from b2kd.engine import epoch_generator
-from b2kd.gan_score import answer_score
 from b2kd.grid import save_grid
 from b2kd.losses import gan_discriminator_loss, gan_generator_loss, information_maximisation
 from b2kd.models import Discriminator, Generator, from_uint8, quantize_uint8
-from b2kd.real_balance import balancing_weights, fit_labeller, label_private, make_labeller
-from b2kd.weight_average import weight_average
-
-
-def dcgan_init(module: torch.nn.Module) -> None:
-    """DCGAN's initialisation (Radford et al., 2016): conv and linear weights N(0, 0.02), zero
-    biases; BatchNorm scales N(1, 0.02), zero shifts."""
-    for m in module.modules():
-        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear):
-            # a spectrally normalised layer's weight is computed: initialise what it is computed from
-            parametrized = torch.nn.utils.parametrize.is_parametrized(m, "weight")
-            torch.nn.init.normal_(m.parametrizations.weight.original if parametrized else m.weight, 0.0, 0.02)
-            if m.bias is not None:
-                torch.nn.init.zeros_(m.bias)
-        elif isinstance(m, torch.nn.BatchNorm2d):
-            torch.nn.init.normal_(m.weight, 1.0, 0.02)
-            torch.nn.init.zeros_(m.bias)
 
 
 def planned_queries(cfg: DeprivatizeConfig, num_private: int) -> int:
@@ -76,31 +57,15 @@ def deprivatize(
         raise ValueError(
             f"private images are {tuple(private.shape[1:])} but the teacher takes {teacher.image_shape}"
         )
-    if cfg.balance_real > 0 and distributed.world_size() > 1:
-        # rank 0 alone pays, so only it could vote; the ranks' batches would no longer agree
-        raise ValueError("deprivatize.balance_real is not supported data-parallel (torchrun); run it in one process")
     torch.manual_seed(seed)
     gen = Generator(teacher.num_classes, size, channels, tuple(cfg.widths)).to(device)
     disc = Discriminator(size, channels, spectral_norm=cfg.spectral_norm).to(device)
-    if cfg.init == "dcgan":
-        dcgan_init(gen)
-        dcgan_init(disc)
-    # an exponential moving average of G's weights (and BatchNorm statistics): torch's own
-    ema = None
-    if cfg.ema is not None:
-        ema = weight_average(gen, cfg.ema)
-    policies = tuple(cfg.diffaugment)
-    best = {"score": float("-inf"), "epoch": -1, "state": None}
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.d_lr or cfg.lr, betas=tuple(cfg.betas))
     sync_bn = parallel is not None and parallel.sync_batchnorm
     g_train, d_train = distributed.wrap(gen, device, sync_bn), distributed.wrap(disc, device, sync_bn)
     state_path = out / "checkpoints" / "gan_latest.pt"
     start_epoch = 0
-    # balance_real: what was sent (uint8), the answers (probabilities), and the labeller fitted to them
-    paid_images: list[torch.Tensor] = []
-    paid_answers: list[torch.Tensor] = []
-    labeller = make_labeller(teacher.num_classes, channels, size, seed) if cfg.balance_real > 0 else None
     state = distributed.checkpoint_from_rank0(state_path)  # under torchrun: rank 0's ({} if none)
     if state is None and state_path.is_file():
         state = read(state_path, "gan_state")
@@ -109,12 +74,6 @@ def deprivatize(
         load_resumed(disc, state["discriminator"], state_path, "discriminator")
         load_resumed(opt_g, state["opt_g"], state_path, "generator's optimiser state")
         load_resumed(opt_d, state["opt_d"], state_path, "discriminator's optimiser state")
-        if ema is not None and state.get("ema") is not None:
-            load_resumed(ema, state["ema"], state_path, "generator average")
-        best = state.get("best", best)
-        paid_images, paid_answers = state.get("paid_images", []), state.get("paid_answers", [])
-        if labeller is not None and state.get("labeller") is not None:
-            load_resumed(labeller, state["labeller"], state_path, "labeller")
         start_epoch = state["epoch"] + 1
         log(f"resuming deprivatization at epoch {start_epoch + 1}")
 
@@ -124,19 +83,9 @@ def deprivatize(
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         rng = epoch_generator(seed, epoch)
-        balancing = (cfg.balance_real > 0 and epoch >= math.floor(cfg.balance_from * cfg.epochs)
-                     and len(paid_images) > 0)
-        if balancing:
-            fit_labeller(labeller, torch.cat(paid_images), torch.cat(paid_answers), cfg.balance_fit_steps,
-                         torch.Generator().manual_seed(seed * 1000 + epoch))
-            pseudo = label_private(labeller, real_all)
-            weights = balancing_weights(pseudo, cfg.balance_real, cfg.balance_max_boost)
-            perm = torch.multinomial(weights, len(real_all), replacement=True, generator=rng)
-        else:
-            perm = torch.randperm(len(real_all), generator=rng)
+        perm = torch.randperm(len(real_all), generator=rng)
         own = distributed.rank_generator(rng, seed, epoch)  # this rank's noise: rng in one process
         sums = {"d": 0.0, "g": 0.0, "im": 0.0}
-        answered = []  # this epoch's paid answers, as probabilities: the selection score's input
         gen.train()
         disc.train()
         for step in range(steps_per_epoch):
@@ -145,15 +94,12 @@ def deprivatize(
             z = torch.randn(len(idx), teacher.num_classes, generator=own).to(device)
             fake = g_train(z)
 
-            if policies:
-                real = diff_augment(real, policies, own)
-            seen = diff_augment(fake, policies, own) if policies else fake
-            d_loss = gan_discriminator_loss(d_train(real), d_train(seen.detach()))
+            d_loss = gan_discriminator_loss(d_train(real), d_train(fake.detach()))
             opt_d.zero_grad(set_to_none=True)
             (d_loss if share == 1.0 else d_loss * share).backward()
             opt_d.step()
 
-            fake_logits = d_train(diff_augment(fake, policies, own) if policies else fake)
+            fake_logits = d_train(fake)
             g_loss = gan_generator_loss(fake_logits)
             global_step = epoch * steps_per_epoch + step
             m = min(cfg.query_batch, len(idx))
@@ -162,10 +108,6 @@ def deprivatize(
                 sent = quantize_uint8(fake[:m].detach()).cpu()
                 api = teacher.query(sent)
                 probs = to_probs(api, teacher.kind)
-                answered.append(probs)
-                if labeller is not None:
-                    paid_images.append(sent)
-                    paid_answers.append(probs.detach().float().cpu())
                 confidence = probs.max(1).values.to(device)
                 im = information_maximisation(fake_logits[:m], confidence)
                 g_loss = g_loss + cfg.alpha * distributed.world_size() * im
@@ -175,17 +117,9 @@ def deprivatize(
             opt_g.zero_grad(set_to_none=True)
             (g_loss if share == 1.0 else g_loss * share).backward()
             opt_g.step()
-            if ema is not None:
-                ema.update_parameters(gen)
             sums["d"] += d_loss.item()
             sums["g"] += g_loss.item()
 
-        score = answer_score(torch.cat(answered)) if answered else None
-        eligible = epoch >= math.floor(cfg.select_from * cfg.epochs)
-        if cfg.select == "score" and eligible and score is not None and score > best["score"]:
-            chosen = ema.module if ema is not None else gen
-            best = {"score": score, "epoch": epoch,
-                    "state": {k: v.detach().cpu().clone() for k, v in chosen.state_dict().items()}}
         means = distributed.mean_over_ranks({k: v / steps_per_epoch for k, v in sums.items()})
         if not distributed.is_main():  # rank 0 writes the state and the metrics
             continue
@@ -196,19 +130,12 @@ def deprivatize(
                 "discriminator": disc.state_dict(),
                 "opt_g": opt_g.state_dict(),
                 "opt_d": opt_d.state_dict(),
-                "ema": None if ema is None else ema.state_dict(),
-                "best": best,
                 "epoch": epoch,
-                "paid_images": paid_images,
-                "paid_answers": paid_answers,
-                "labeller": None if labeller is None else labeller.state_dict(),
             },
             state_path,
         )
         record = {"epoch": epoch, **means,
-                  "queries": teacher.spent, "score": score, "seconds": time.perf_counter() - t0}
-        if balancing:  # how the labeller split the private set this epoch
-            record["private_labels"] = torch.bincount(pseudo, minlength=teacher.num_classes).tolist()
+                  "queries": teacher.spent, "seconds": time.perf_counter() - t0}
         with open(out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
         log(f"deprivatize epoch {epoch + 1}/{cfg.epochs}: D {record['d']:.3f} G {record['g']:.3f}"
@@ -216,21 +143,13 @@ def deprivatize(
 
     if not distributed.is_main():
         return {"role": "generator", "epochs": cfg.epochs}
-    selected_epoch = cfg.epochs - 1
-    if ema is not None:
-        gen = ema.module
-    if cfg.select == "score" and best["state"] is not None:
-        gen.load_state_dict(best["state"])
-        selected_epoch = best["epoch"]
-        log(f"deprivatize: generator of epoch {selected_epoch + 1} chosen (answer score {best['score']:.3f})")
     gen.eval()
     with torch.no_grad():
         z = torch.randn(64, teacher.num_classes, generator=torch.Generator().manual_seed(seed))
         samples = quantize_uint8(gen(z.to(device))).cpu()
     grid = save_grid(samples, out / "images" / "generator_samples.png", nrow=8)
     meta = {"role": "generator", "image_shape": list(teacher.image_shape),
-            "num_classes": teacher.num_classes, "epochs": cfg.epochs, "queries": teacher.spent,
-            "selected_epoch": selected_epoch, "score": best["score"] if best["state"] is not None else None}
+            "num_classes": teacher.num_classes, "epochs": cfg.epochs, "queries": teacher.spent}
     save_generator(gen.cpu(), out / "generator.pt", **meta)
     # D of the last epoch, for the balanced pool's realism filter (b2kd.realism)
     atomic_save(module_checkpoint("discriminator", disc.cpu(), epoch=cfg.epochs - 1), out / "discriminator.pt")
