@@ -11,7 +11,7 @@ from b2kd.balanced_pool import class_quotas, neighbour_latents, pick, shortfall
 from b2kd.data.augment import StrongAugment, cutout
 from b2kd.data.splits import dev_split, edge_split
 from b2kd.engine import make_step_scheduler, step_schedule_factor
-from b2kd.semisup import ClassThresholds, consistency_loss
+from b2kd.semisup import consistency_loss
 
 
 def test_cosine_factor_per_step_with_warmup():
@@ -48,63 +48,12 @@ def test_consistency_loss_by_hand():
     assert kept == 0.5
 
 
-def test_sharpened_consistency_by_hand():
-    weak = torch.tensor([[math.log(3.0), 0.0]])  # p = (0.75, 0.25); sharpened at T = 0.5: (0.9, 0.1)
-    strong = torch.tensor([[0.0, 0.0]])  # log-probabilities (log 0.5, log 0.5)
-    loss, kept = consistency_loss(weak, strong, threshold=0.7, sharpen=0.5)
-    assert loss.item() == pytest.approx(math.log(2), rel=1e-6)  # -(0.9 + 0.1) log 0.5
-    strong = torch.tensor([[math.log(9.0), 0.0]])  # the sharpened target itself: loss = its entropy
-    loss, _ = consistency_loss(weak, strong, threshold=0.7, sharpen=0.5)
-    assert loss.item() == pytest.approx(-(0.9 * math.log(0.9) + 0.1 * math.log(0.1)), rel=1e-6)
-    assert kept == 1.0
-    assert consistency_loss(weak, strong, threshold=0.8, sharpen=0.5)[1] == 0.0  # 0.75 < 0.8
-
-
-def test_class_thresholds_by_hand():
-    flex = ClassThresholds(n_images=10, n_classes=3, threshold=0.9)
-    assert flex.thresholds().tolist() == [0.0, 0.0, 0.0]  # nothing learned: every label is used
-    # counts (3, 1, 0), 6 images not learned yet: the warm-up divides by 6
-    flex.learned.copy_(torch.tensor([0, 0, 0, 1, -1, -1, -1, -1, -1, -1]))
-    effect = torch.tensor([3 / 6, 1 / 6, 0.0])
-    assert torch.allclose(flex.thresholds(), 0.9 * effect / (2 - effect))
-    # counts (5, 2, 1), 2 not learned: the largest count divides; class 0 keeps the fixed 0.9
-    flex.learned.copy_(torch.tensor([0, 0, 0, 0, 0, 1, 1, 2, -1, -1]))
-    assert torch.allclose(flex.thresholds(), torch.tensor([0.9, 0.9 * 0.4 / 1.6, 0.9 * 0.2 / 1.8]))
-
-
-def test_class_thresholds_remember_confident_predictions_only():
-    flex = ClassThresholds(n_images=4, n_classes=2, threshold=0.9)
-    flex.learned.copy_(torch.tensor([1, -1, -1, -1]))
-    # image 0 now at p = 0.982 for class 0, image 2 unsure (p = 0.525): only image 0 changes
-    flex.update(torch.tensor([0, 2]), torch.tensor([[4.0, 0.0], [0.1, 0.0]]))
-    assert flex.learned.tolist() == [0, -1, -1, -1]
-
-
-def test_consistency_loss_with_class_thresholds():
-    weak = torch.tensor([[4.0, 0.0], [0.0, 0.1]])  # row 0: class 0 at 0.982; row 1: class 1 at 0.525
-    strong = torch.tensor([[1.0, 2.0], [5.0, -5.0]])
-    loss, kept = consistency_loss(weak, strong, threshold=torch.tensor([0.99, 0.5]))
-    # row 0 falls below its class's 0.99; row 1 passes class 1's 0.5: CE of (5, -5) on class 1
-    assert loss.item() == pytest.approx((10 + math.log(1 + math.exp(-10))) / 2, rel=1e-6)
-    assert kept == 0.5
-
-
 def test_strong_augment_is_seeded_and_in_range():
     x = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
     a = StrongAugment()(x, torch.Generator().manual_seed(0))
     b = StrongAugment()(x, torch.Generator().manual_seed(0))
     assert torch.equal(a, b) and a.dtype == torch.float32
     assert a.min() >= 0 and a.max() <= 1 and not torch.equal(a, x.float() / 255)
-
-
-def test_strong_augment_strength_scales_every_magnitude():
-    assert StrongAugment.scaled(1.0) == StrongAugment()
-    half = StrongAugment.scaled(0.5)
-    assert (half.degrees, half.translate, half.scale, half.contrast, half.cutout) == (10.0, 0.06, 0.075, 0.2, 4)
-    x = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
-    # strength 0 leaves the image as it is (an identity affine, contrast 1, no cutout)
-    same = StrongAugment.scaled(0.0)(x, torch.Generator().manual_seed(0))
-    assert torch.allclose(same, x.float() / 255, atol=1e-5)
 
 
 def test_cutout_zeroes_a_square():
@@ -244,19 +193,6 @@ def test_local_unlabelled_never_sends_a_private_image(toy_runs, tmp_path):
     assert history[-1]["confident"] == 1.0  # threshold 0: every private image is pseudo-labelled
 
 
-def test_adaptive_thresholds_are_checkpointed(toy_runs, tmp_path):
-    from b2kd.checkpoint import read
-    from b2kd.pipeline import edge_private_images
-
-    summary, cfg = _distil(toy_runs, tmp_path, "flex", local_unlabelled=True, unlabelled_adaptive=True,
-                           unlabelled_threshold=0.5)
-    latest = read(tmp_path / "flex" / "checkpoints" / "latest.pt", "classifier")
-    learned = latest["train_state"]["extras"]["class_thresholds"]["learned"]
-    assert len(learned) == len(edge_private_images(cfg))
-    assert int((learned >= 0).sum()) > 0  # the student labelled some private images confidently
-    assert all("confident" in r for r in summary["history"])
-
-
 def test_reuse_setup_adds_paid_answers_without_queries(toy_runs, tmp_path):
     summary, cfg = _distil(toy_runs, tmp_path, "setup", reuse_setup=True)
     gan_queries = read_gan_queries(toy_runs)
@@ -287,69 +223,6 @@ def test_balanced_pool_spends_the_budget_once(toy_runs, tmp_path):
     with Ledger(tmp_path / "balanced" / "ledger.sqlite") as ledger:
         assert ledger.count() == cfg.distill.budget
     assert again["queries"] == cfg.distill.budget
-
-
-def test_ema_average_warms_up():
-    from b2kd.weight_average import ema_average
-
-    avg = ema_average(0.999)
-    # after n = 0 updates the decay is 1/10: mostly the current weights
-    assert avg(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(0)).item() == pytest.approx(0.9)
-    # late in training the decay is capped at 0.999
-    assert avg(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(100_000)).item() == pytest.approx(0.001)
-
-
-def test_mean_teacher_labels_the_private_images():
-    from b2kd.data import Augment
-    from b2kd.semisup import LocalUnlabelled
-
-    class Constant(torch.nn.Module):
-        """Logits that put all mass on one class, whatever the image."""
-
-        def __init__(self, label):
-            super().__init__()
-            self.label = label
-
-        def forward(self, x):
-            return torch.nn.functional.one_hot(torch.full((len(x),), self.label), 10).float() * 20
-
-    private = torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8)
-    local = LocalUnlabelled(private, 8, 0.95, 1.0, Augment(0), StrongAugment(), torch.device("cpu"))
-    student = Constant(3)
-    rng = torch.Generator().manual_seed(0)
-    own, _ = local.loss(student, rng)
-    assert own.item() == pytest.approx(0.0, abs=1e-6)  # it agrees with itself
-    taught, parts = local.loss(student, rng, labeller=Constant(7))
-    # the labeller says 7 with certainty, the student says 3 with logit margin 20
-    assert parts["confident"] == 1.0
-    assert taught.item() == pytest.approx(20 + math.log(1 + 9 * math.exp(-20)), rel=1e-5)
-
-
-def test_ema_targets_need_a_student_average():
-    from b2kd.config import DistillConfig
-
-    with pytest.raises(Exception, match="student_ema"):
-        DistillConfig(unlabelled_targets="ema")
-    DistillConfig(unlabelled_targets="ema", student_ema=0.99)
-
-
-def test_student_average_is_what_best_pt_holds(toy_runs, tmp_path):
-    from b2kd.checkpoint import read
-
-    summary, cfg = _distil(toy_runs, tmp_path, "ema", student_ema=0.9, select="last",
-                           local_unlabelled=True, unlabelled_targets="ema")
-    best = read(tmp_path / "ema" / "checkpoints" / "best.pt", "classifier")["state_dict"]
-    latest = read(tmp_path / "ema" / "checkpoints" / "latest.pt", "classifier")
-    average = latest["train_state"]["extras"]["student_average"]
-    # best.pt is the average's module, not the last weights of the student
-    for key, value in best.items():
-        assert torch.equal(value, average[f"module.{key}"])
-    assert any(not torch.equal(value, latest["state_dict"][key]) for key, value in best.items())
-    # updated once per optimisation step
-    steps = cfg.distill.epochs * math.ceil((summary["pool_size"] - summary["val_size"]) / cfg.distill.batch_size)
-    if cfg.distill.steps is not None or cfg.distill.max_steps is not None:
-        steps = min(cfg.distill.steps or steps, cfg.distill.max_steps or steps)
-    assert int(average["n_averaged"]) == steps
 
 
 def test_pick_unsure_share_sets_how_many_are_the_least_confident():

@@ -69,16 +69,6 @@ def test_realism_filter_pays_for_images_d_rates_more_real(toy_runs, tmp_path):
     assert filtered.mean() - plain.mean() > 0.4 * plain.std()
 
 
-def test_truncated_candidates_are_generator_images_of_scaled_latents():
-    from b2kd.models import Generator
-    from b2kd.pool import latents, render, synthesise
-
-    torch.manual_seed(0)
-    generator = Generator(10, 28, 1, (16, 8))
-    assert torch.equal(synthesise(generator, 50, 3, sd=0.5), render(generator, 0.5 * latents(50, 10, 3)))
-    assert torch.equal(synthesise(generator, 50, 3), render(generator, latents(50, 10, 3)))
-
-
 def test_realism_without_a_balanced_pool_is_refused(toy_runs, tmp_path):
     from b2kd.config import ConfigError
     from b2kd.pipeline import run_distill

@@ -9,8 +9,7 @@ within each class, half of the picks go to the candidates the student is
 least sure of (lowest top probability) and half are random.
 With ``realism_drop``, each class first loses that share of its candidates,
 those deprivatization's discriminator rates least like the private images
-(:mod:`b2kd.realism`). With ``candidate_sd`` below 1 the candidates are drawn
-from a narrower latent distribution (the truncation trick); the first part is not.
+(:mod:`b2kd.realism`).
 
 A class the generator seldom draws (a private set with rare classes makes a
 GAN that drops them) can lack candidates however many are scored. With
@@ -87,7 +86,8 @@ def score(student: torch.nn.Module, images: torch.Tensor, device: torch.device, 
 def pick(pred: torch.Tensor, conf: torch.Tensor, quotas: torch.Tensor, rng: torch.Generator,
          unsure_share: float = 0.5) -> torch.Tensor:
     """Indices of candidates meeting ``quotas``: per class, ``unsure_share`` of the quota (rounded
-    up) the least confident, the rest at random."""
+    up) the least confident, the rest at random (the pool takes half: measured on dev, all at random
+    or all the least sure lost on hard answers)."""
     chosen = []
     for k, q in enumerate(quotas.tolist()):
         if q == 0:
@@ -119,8 +119,7 @@ def with_neighbours(acq, cands, pred, conf, z_first, first_labels, short, sigma,
 
 
 def balanced_pool(acq, first_fraction: float, candidates_per_query: int, fit_steps: int, num_classes: int,
-                  neighbours: float = 0.0, unsure_share: float = 0.5, realism_drop: float = 0.0,
-                  candidate_sd: float = 1.0):
+                  neighbours: float = 0.0, realism_drop: float = 0.0):
     """Pay for a class-balanced generator pool of ``acq.budget`` images; returns (images, answers)."""
     out = acq.out
     n_first = max(1, min(acq.budget, round(acq.budget * first_fraction)))
@@ -133,8 +132,7 @@ def balanced_pool(acq, first_fraction: float, candidates_per_query: int, fit_ste
     def draw() -> torch.Tensor:
         acq.fit(first, first_answers, fit_steps)
         # fresh candidates: another seed than the first part's, so none repeats an image paid for
-        cands = synthesise(acq.generator, n_rest * candidates_per_query, acq.seed + 1_000_003,
-                           sd=candidate_sd)
+        cands = synthesise(acq.generator, n_rest * candidates_per_query, acq.seed + 1_000_003)
         pred, conf = score(acq.student, cands, acq.device)
         if realism_drop > 0:  # D's least real candidates of each class are never paid for
             keep = drop_least_real(pred, realism(acq.discriminator, cands), realism_drop)
@@ -149,7 +147,7 @@ def balanced_pool(acq, first_fraction: float, candidates_per_query: int, fit_ste
                                                 candidates_per_query)
             available = torch.bincount(pred, minlength=num_classes)
         quotas = class_quotas(have, available, n_rest)
-        idx = pick(pred, conf, quotas, torch.Generator().manual_seed(acq.seed + 17), unsure_share)
+        idx = pick(pred, conf, quotas, torch.Generator().manual_seed(acq.seed + 17))
         if len(idx) < n_rest:  # too few distinct candidates per class: fill with the least sure
             spare = torch.ones(len(cands), dtype=torch.bool)
             spare[idx] = False
@@ -158,12 +156,8 @@ def balanced_pool(acq, first_fraction: float, candidates_per_query: int, fit_ste
         return cands[idx]
 
     source = "balanced" if neighbours <= 0 else f"balanced-neighbours-{neighbours:g}"
-    if unsure_share != 0.5:  # a pool drawn with another share is not reused
-        source += f"-unsure-{unsure_share:g}"
     if realism_drop > 0:
         source += f"-realism-{realism_drop:g}"
-    if candidate_sd != 1.0:
-        source += f"-sd-{candidate_sd:g}"
     rest = load_or_draw(out / "pool-balanced.pt", n_rest, acq.seed, source, draw)
     rest_answers = pay(acq.teacher, rest, acq.query_batch, acq.on_paid)
     return torch.cat([first, rest]), torch.cat([first_answers, rest_answers])

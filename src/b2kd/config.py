@@ -106,9 +106,6 @@ class DistillConfig(_Section):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = 0.05
-    # the student's optimiser: SGD with momentum, or AdamW (momentum is then its first beta and
-    # weight_decay its decoupled decay)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: Literal["cosine", "step"] = "cosine"
@@ -120,10 +117,6 @@ class DistillConfig(_Section):
     # hard responses: "ce" (cross-entropy on the label) measured 96.2% vs 71.8% for the
     # reference "kl" at tau 5 on the MNIST demo (LeNet-5 student, 20k queries)
     hard_loss: Literal["kl", "ce"] = "ce"
-    hard_smoothing: float = Field(0.0, ge=0, lt=1)  # label smoothing of that cross-entropy
-    # hard answers: MEKD's teacher logits are this x centre(one-hot) (1: the spec's one-hot - 1/K,
-    # whose G(t / tau_g) is drawn from near-zero logits while the cross-entropy grows the student's)
-    hard_logit_scale: float = Field(1.0, gt=0)
     val_fraction: float = Field(0.05, ge=0, lt=1)  # held-out slice of the paid pool
     select: Literal["val", "last"] = "val"
     # the report warns of a class holding under this fraction of a uniform pool's share (b2kd.pool_labels)
@@ -147,20 +140,6 @@ class DistillConfig(_Section):
     unlabelled_weight: float = Field(1.0, ge=0)
     unlabelled_threshold: float = Field(0.95, ge=0, le=1)
     unlabelled_ratio: float = Field(1.0, gt=0)  # unlabelled batch = ratio x batch_size
-    # class-adaptive thresholds (FlexMatch, b2kd.semisup.ClassThresholds): a class the student has
-    # confidently labelled few private images of gets a threshold below unlabelled_threshold
-    unlabelled_adaptive: bool = False
-    # soft pseudo-labels: the weak view's distribution sharpened by this temperature (UDA) is the
-    # strong view's target, instead of its top-1 (None: top-1, FixMatch)
-    unlabelled_sharpen: float | None = Field(None, gt=0, le=1)
-    # the strong view's magnitudes (rotation, shift, zoom, contrast, cutout size) times this factor
-    unlabelled_strength: float = Field(1.0, ge=0, le=2)
-    # pseudo-labels of the private images from the student itself or, with student_ema, from its
-    # average ("ema": a mean teacher, Tarvainen & Valpola, 2017)
-    unlabelled_targets: Literal["student", "ema"] = "student"
-    # decay of an exponential moving average of the student's weights, updated every step; the
-    # average is what is validated and saved as best.pt (None: off)
-    student_ema: float | None = Field(None, gt=0, lt=1)
     # generator methods: add the images deprivatization paid for, with their answers, to the pool
     # (no new query; counted as setup_queries beside the pool's)
     reuse_setup: bool = True
@@ -170,8 +149,6 @@ class DistillConfig(_Section):
     balance_first: float = Field(0.25, gt=0, le=1)  # share of the budget paid at random first
     balance_candidates: int = Field(4, ge=1)  # candidates scored per remaining query
     balance_fit_steps: int = Field(200, ge=0)  # student steps on the first part
-    # share of each class's quota paid for where the fitted student is least sure (the rest at random)
-    balance_unsure: float = Field(0.5, ge=0, le=1)
     # sd of latent neighbours drawn around the first part's images of a class short of candidates
     # (a GAN that seldom draws a class); 0: off. 0.1 chosen on dev under the imbalance gap at the
     # default FixMatch threshold (0.1 / 0.2 / 0.5: 91.26 / 90.78 / 88.68%, off 85.00%); at threshold
@@ -194,9 +171,6 @@ class DistillConfig(_Section):
     # weight of CORAL (Sun & Saenko, 2016) between the student's penultimate features on paid
     # images and on the private images (unsupervised domain alignment, on the device; 0: off)
     coral_weight: float = Field(0.0, ge=0)
-    # sd of the latents the balanced pool's candidates are drawn from (below 1: the truncation
-    # trick, more typical and less diverse images); the first, random part keeps N(0, I)
-    balance_latent_sd: float = Field(1.0, gt=0)
     # baselines (b2kd.methods); each reads only its own keys
     dkd_alpha: float = 1.0  # DKD target-class term
     dkd_beta: float = 8.0  # DKD non-target-class term
@@ -216,15 +190,6 @@ class DistillConfig(_Section):
     dafl_steps: int = Field(300, ge=0)  # DAFL: white-box generator steps
     dafl_batch_size: int = Field(64, ge=1)
     dafl_lr: float = 0.02  # DAFL generator's Adam learning rate
-
-    @model_validator(mode="after")
-    def _ema_targets_need_an_average(self) -> DistillConfig:
-        if self.unlabelled_targets == "ema" and self.student_ema is None:
-            raise PydanticCustomError(
-                "ema_targets_without_ema",
-                "distill.unlabelled_targets 'ema' labels the private images with the student's"
-                " weight average: set distill.student_ema (for example 0.99) too", {})
-        return self
 
     @model_validator(mode="after")
     def _budget_pays_for_training(self) -> DistillConfig:
@@ -336,6 +301,16 @@ REMOVED: dict[str, Any] = {
     "deprivatize.balance_from": ANY,
     "deprivatize.balance_fit_steps": ANY,
     "deprivatize.balance_max_boost": ANY,
+    "distill.optimizer": "sgd",
+    "distill.hard_smoothing": 0.0,
+    "distill.hard_logit_scale": 1.0,
+    "distill.unlabelled_adaptive": False,
+    "distill.unlabelled_sharpen": None,
+    "distill.unlabelled_strength": 1.0,
+    "distill.unlabelled_targets": "student",
+    "distill.student_ema": None,
+    "distill.balance_unsure": 0.5,
+    "distill.balance_latent_sd": 1.0,
 }
 _warned: set[tuple[str, str]] = set()
 

@@ -25,8 +25,7 @@ from b2kd.methods import get_method
 from b2kd.methods.base import Acquisition
 from b2kd.models import build_model
 from b2kd.runtime import fast_layout
-from b2kd.semisup import ClassThresholds, LocalUnlabelled
-from b2kd.weight_average import weight_average
+from b2kd.semisup import LocalUnlabelled
 
 
 VAL_SLICE = "val-slice.pt"  # the pool's held-out slice and the teacher's top-1 on it
@@ -147,7 +146,7 @@ def distill(
         fitted.append(steps)
         method.prepare(answers, device)
         pool = pool.to(device)
-        opt = make_optimizer(student, d.lr, d.momentum, d.weight_decay, d.optimizer)
+        opt = make_optimizer(student, d.lr, d.momentum, d.weight_decay)
         rng = torch.Generator().manual_seed(cfg.seed + len(pool))
         student.train()
         for _ in range(steps):
@@ -183,7 +182,7 @@ def distill(
     trainee = distributed.wrap(student, device, cfg.distributed.sync_batchnorm)  # DDP under torchrun
     batch = d.batch_size * distributed.world_size()  # the effective batch: per rank x world size
     optimizer = make_optimizer(student, distributed.scaled_lr(d.lr, cfg.distributed.scale_lr), d.momentum,
-                               d.weight_decay, d.optimizer)
+                               d.weight_decay)
     features = None
     if with_features:
         from b2kd.feature_match import FeatureMatch
@@ -204,35 +203,18 @@ def distill(
         epochs = math.ceil(total_steps / steps_per_epoch)
     select = d.select if len(val_idx) else "last"
     meta = {"role": "student", "method": d.method, "response": str(teacher.kind), "arch": d.student}
-    # a weight average of the student (distill.student_ema): validated and saved as best.pt, and
-    # with unlabelled_targets "ema" the labeller of the private images
-    average = None
-    if d.student_ema is not None:
-        average = weight_average(student, d.student_ema)
-        average.module.eval()  # it labels and is validated; it is never trained
-    evaluated = student if average is None else average.module
     extras = {"feature_projection": features.proj} if features is not None else {}
-    if average is not None:
-        extras["student_average"] = average
-    labeller = average.module if average is not None and d.unlabelled_targets == "ema" else None
     local = None
     if d.local_unlabelled:
         if unlabelled is None:
             raise ValueError("distill.local_unlabelled is set, but no private images were given")
-        adaptive = None
-        if d.unlabelled_adaptive:  # its memory is checkpointed with the student, so resume keeps it
-            adaptive = ClassThresholds(len(unlabelled), teacher.num_classes, d.unlabelled_threshold)
-            extras["class_thresholds"] = adaptive
         local = LocalUnlabelled(unlabelled, max(1, round(d.batch_size * d.unlabelled_ratio)),
-                                d.unlabelled_threshold, d.unlabelled_weight, augment,
-                                StrongAugment.scaled(d.unlabelled_strength),
-                                device, adaptive, d.unlabelled_sharpen)
+                                d.unlabelled_threshold, d.unlabelled_weight, augment, StrongAugment(), device)
     terms = device_terms(d, student, unlabelled, acq.anchor_targets, augment, device)
     if local is not None:
-        terms.append(lambda rng: local.loss(student, rng, labeller))
+        terms.append(lambda rng: local.loss(student, rng))
     engine = Engine(out, student, optimizer, scheduler, epochs, cfg.seed, select=select, meta=meta,
-                    schedule_per="step", writes=distributed.is_main(), extras=extras,
-                    evaluated=evaluated)
+                    schedule_per="step", writes=distributed.is_main(), extras=extras)
     if engine.resume(distributed.checkpoint_from_rank0(engine.latest_path)):
         log(f"resuming distillation at epoch {engine.start_epoch + 1}/{epochs}")
     timing = {"images": 0, "seconds": 0.0}
@@ -249,8 +231,6 @@ def distill(
             idx, x, weight = distributed.my_part(idx, augment(images[idx], generator=rng))
             loss, parts = train_step(method, trainee, optimizer, x, idx, d.grad_clip, extra, weight, features)
             scheduler.step()
-            if average is not None:
-                average.update_parameters(student)
             for key, value in {"loss": loss.item(), **parts}.items():
                 totals[key] = totals.get(key, 0.0) + value
         seconds = time.perf_counter() - start
@@ -265,7 +245,7 @@ def distill(
         agree = 0
         for i in range(0, len(val_idx), 1000):
             idx = val_idx[i : i + 1000].to(device)
-            agree += int((evaluated(images[idx]).argmax(1) == teacher_top1[idx]).sum())
+            agree += int((student(images[idx]).argmax(1) == teacher_top1[idx]).sum())
         return agree / len(val_idx)
 
     def report_epoch(r: dict) -> None:

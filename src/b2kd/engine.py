@@ -3,7 +3,7 @@
 ``checkpoints/latest.pt`` is written atomically after every epoch with the
 model, optimizer, scheduler and history, so re-running the same command after
 an interruption (even ``kill -9``) continues from the last finished epoch.
-``checkpoints/best.pt`` is the model (or its weight average) chosen by validation (or the last epoch);
+``checkpoints/best.pt`` is the model chosen by validation (or the last epoch);
 both are classifier checkpoints that ``load_classifier`` reads.
 """
 
@@ -26,13 +26,8 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float,
-                   kind: str = "sgd"):
-    """SGD with momentum, or AdamW (``kind="adamw"``: ``momentum`` is its first beta and
-    ``weight_decay`` its decoupled decay)."""
-    if kind == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=lr, betas=(momentum, 0.999),
-                                 weight_decay=weight_decay)
+def make_optimizer(model: torch.nn.Module, lr: float, momentum: float, weight_decay: float):
+    """SGD with momentum."""
     return torch.optim.SGD(
         model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=False
     )
@@ -84,7 +79,6 @@ class Engine:
         schedule_per: str = "epoch",
         writes: bool = True,
         extras: dict[str, torch.nn.Module] | None = None,
-        evaluated: torch.nn.Module | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -101,8 +95,6 @@ class Engine:
         self.writes = writes
         # modules trained beside the model (a projection head): saved in latest.pt, restored on resume
         self.extras = extras or {}
-        # the module validated and saved as best.pt (a weight average of the model); default the model
-        self.evaluated = model if evaluated is None else evaluated
         self.start_epoch = 0
         self.best_metric = float("-inf")
         self.best_epoch = -1
@@ -130,7 +122,8 @@ class Engine:
         state = ckpt["train_state"]
         path = self.latest_path
         made_with = state.get("optimizer_kind")
-        # torch would load SGD's state into AdamW without a word and fail at the first step
+        # torch would load another optimiser's state (AdamW, an option of earlier b2kd versions) without
+        # a word and fail at the first step
         if made_with is not None and made_with != type(self.optimizer).__name__:
             raise resume_mismatch(path, f"it was trained with {made_with}, this run uses "
                                         f"{type(self.optimizer).__name__}")
@@ -185,14 +178,13 @@ class Engine:
             record["lr"] = self.optimizer.param_groups[0]["lr"]
             if validate is not None:
                 self.model.eval()
-                self.evaluated.eval()
                 record["val"] = float(validate())
             record["seconds"] = time.perf_counter() - start
             metric = record.get("val", 0.0) if self.select == "val" else float(epoch)
             if self.select == "last" or validate is None or metric > self.best_metric:
                 self.best_metric, self.best_epoch = metric, epoch
                 if self.writes:
-                    save_classifier(self.evaluated, self.best_path, **self.meta, epoch=epoch)
+                    save_classifier(self.model, self.best_path, **self.meta, epoch=epoch)
             self.history.append(record)
             if self.writes:
                 self._save_latest(epoch)
@@ -201,7 +193,6 @@ class Engine:
             if on_epoch is not None:
                 on_epoch(record)
         self.model.eval()
-        self.evaluated.eval()
         return {
             "epochs": self.epochs,
             "best_epoch": self.best_epoch,

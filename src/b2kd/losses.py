@@ -43,11 +43,9 @@ def generator_alignment(
     raise ValueError(f"unknown distance '{distance}'; use l1 or l2")
 
 
-def label_cross_entropy(logits: torch.Tensor, teacher_logits: torch.Tensor,
-                        smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy on the teacher's top-1 label (hard answers), the one-hot target smoothed by
-    ``smoothing`` spread evenly over the classes."""
-    return F.cross_entropy(logits, teacher_logits.argmax(1), label_smoothing=smoothing)
+def label_cross_entropy(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy on the teacher's top-1 label (hard answers)."""
+    return F.cross_entropy(logits, teacher_logits.argmax(1))
 
 
 def mekd_loss(
@@ -60,16 +58,14 @@ def mekd_loss(
     beta: float = 1.0,
     distance: str = "l1",
     hard_ce: bool = False,
-    smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """MEKD: generator alignment + beta * (tau^2 KL, or cross-entropy on the hard label, with
-    ``smoothing`` of the one-hot target spread evenly over the classes).
+    """MEKD: generator alignment + beta * (tau^2 KL, or cross-entropy on the hard label).
 
     Returns the total and its named parts for logging.
     """
     align = generator_alignment(generator, student_logits, teacher_images, tau_g, distance)
     if hard_ce:
-        match = label_cross_entropy(student_logits, teacher_logits, smoothing)
+        match = label_cross_entropy(student_logits, teacher_logits)
     else:
         match = kd_kl(centre(student_logits), teacher_logits, tau)
     total = align + beta * match

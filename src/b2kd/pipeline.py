@@ -174,11 +174,10 @@ def run_distill(cfg: Config, out: str | Path, log=print) -> dict:
     d = cfg.distill
     method = get_method(d.method)
     distributed.check_supported(cfg, method)
-    if (d.balance_realism > 0 or d.balance_latent_sd != 1.0) and (
-            method.source != "generator" or d.pool != "balanced"):
-        raise ConfigError("distill.balance_realism and distill.balance_latent_sd choose the candidates of a"
-                          f" generator method's balanced pool; method '{d.method}' with distill.pool="
-                          f"{d.pool} has none (set distill.pool=balanced, or leave both at their defaults)")
+    if d.balance_realism > 0 and (method.source != "generator" or d.pool != "balanced"):
+        raise ConfigError("distill.balance_realism chooses the candidates of a generator method's balanced"
+                          f" pool; method '{d.method}' with distill.pool={d.pool} has none (set"
+                          " distill.pool=balanced, or leave distill.balance_realism at 0)")
     if not distributed.is_main():
         log = _quiet
     if method.white_box and cfg.teacher.url:

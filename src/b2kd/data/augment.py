@@ -89,14 +89,6 @@ class StrongAugment:
     contrast: float = 0.4  # contrast factor drawn in [1 - contrast, 1]
     cutout: int = 8
 
-    @classmethod
-    def scaled(cls, strength: float) -> StrongAugment:
-        """Every magnitude times ``strength`` (1: the defaults above; 0: no change to the image)."""
-        base = cls()
-        return cls(degrees=base.degrees * strength, translate=base.translate * strength,
-                   scale=base.scale * strength, contrast=min(1.0, base.contrast * strength),
-                   cutout=round(base.cutout * strength))
-
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         x = random_affine(x, self.degrees, self.translate, self.scale, generator)

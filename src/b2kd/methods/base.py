@@ -101,8 +101,7 @@ class Method(ABC):
 
             images, responses = balanced_pool(acq, self.cfg.balance_first, self.cfg.balance_candidates,
                                               self.cfg.balance_fit_steps, acq.teacher.num_classes,
-                                              self.cfg.balance_neighbours, self.cfg.balance_unsure,
-                                              self.cfg.balance_realism, self.cfg.balance_latent_sd)
+                                              self.cfg.balance_neighbours, self.cfg.balance_realism)
         else:
             images = load_or_synthesise(acq.generator, acq.budget, acq.seed, acq.out / "pool.pt")
             responses = pay(acq.teacher, images, acq.query_batch, acq.on_paid)
@@ -149,9 +148,9 @@ class Method(ABC):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of the methods that train on stored answers as they are: tau^2 KL at
         ``tau`` (default ``distill.tau``), or cross-entropy on the teacher's label for hard
-        answers with ``distill.hard_loss=ce`` (smoothed by ``distill.hard_smoothing``)."""
+        answers with ``distill.hard_loss=ce``."""
         if self.kind.is_hard and self.cfg.hard_loss == "ce":
-            loss = label_cross_entropy(logits, self.t_logits[idx], self.cfg.hard_smoothing)
+            loss = label_cross_entropy(logits, self.t_logits[idx])
         else:
             loss = kd_kl(logits, self.t_logits[idx], self.cfg.tau if tau is None else tau)
         return loss, {"match": float(loss.detach())}

@@ -20,8 +20,6 @@ class MEKD(Method):
         """Teacher logits and G(t / tau_g), once per paid image (they depend only on the query)."""
         fast_layout(self.generator.to(device)).eval().requires_grad_(False)
         self.t_logits = teacher_logits(responses, self.kind).to(device)
-        if self.kind.is_hard:
-            self.t_logits = self.t_logits * self.cfg.hard_logit_scale
         self.t_images = torch.cat(
             [
                 self.generator(self.t_logits[i : i + 128] / self.cfg.tau_g)
@@ -40,5 +38,4 @@ class MEKD(Method):
             beta=self.cfg.beta,
             distance=self.cfg.distance,
             hard_ce=self.kind.is_hard and self.cfg.hard_loss == "ce",
-            smoothing=self.cfg.hard_smoothing,
         )
