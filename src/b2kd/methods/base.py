@@ -92,6 +92,9 @@ class Method(ABC):
         if self.source == "generator" and self.cfg.anchor_share > 0:
             anchored = self.acquire_anchored(acq)
             acq = replace(acq, budget=acq.budget - len(anchored[0]))
+        n_mix = round(self.cfg.mixup_share * acq.budget) if self.source == "generator" else 0
+        if n_mix:
+            acq = replace(acq, budget=acq.budget - n_mix)
         if self.source == "local":  # distill() has checked that local images were given
             images = load_or_sample_private(acq.private, acq.budget, acq.seed, acq.out / "pool.pt",
                                             copies=self.cfg.transfer_copies)
@@ -105,6 +108,12 @@ class Method(ABC):
         else:
             images = load_or_synthesise(acq.generator, acq.budget, acq.seed, acq.out / "pool.pt")
             responses = pay(acq.teacher, images, acq.query_batch, acq.on_paid)
+        if n_mix:
+            from b2kd.mixup_pool import mixup_pool
+
+            mixed = mixup_pool(acq, images, responses, n_mix, self.cfg.balance_candidates,
+                               self.cfg.balance_fit_steps)
+            images, responses = torch.cat([images, mixed[0]]), torch.cat([responses, mixed[1]])
         if anchored is not None:
             images, responses = torch.cat([images, anchored[0]]), torch.cat([responses, anchored[1]])
         if acq.setup is not None:  # paid during deprivatization: free to train on
