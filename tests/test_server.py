@@ -444,12 +444,15 @@ def test_key_ids_are_keyed_hashes_never_the_plain_sha256(model, tmp_path):
         assert [r[0] for r in db.execute("SELECT key_id FROM keys")] == [a.app.state.key_id(KEY)]
 
 
-def test_idle_and_half_open_connections_are_cut_off_and_connections_are_limited(model):
-    """Before: a connection that sent nothing, half a head or half a body was held for ever."""
+def test_idle_and_half_open_connections_are_cut_off_and_connections_are_limited(model, tmp_path):
+    """Before: a connection that sent nothing, half a head or half a body was held for ever; and
+    the 503s of the connection limit reached neither /metrics nor the access log."""
     infer = "/v2/models/teacher/infer"
     body, headers = infer_body(images(2, seed=80), binary=True)
     head = raw_head(infer, {**headers, **AUTH}, len(body))
-    with ThreadServer(model, api_keys={KEY: None}, read_timeout_s=1.5, max_connections=4) as s:
+    log = tmp_path / "access.log"
+    with ThreadServer(model, api_keys={KEY: None}, read_timeout_s=1.5, max_connections=4,
+                      max_connections_per_address=4, access_log=log) as s:
         cases = {"no bytes": b"", "half a head": head[:40], "half a body": head + body[:100]}
         socks = {what: socket.create_connection(("127.0.0.1", s.port), timeout=20) for what in cases}
         for what, data in cases.items():
@@ -466,3 +469,43 @@ def test_idle_and_half_open_connections_are_cut_off_and_connections_are_limited(
         assert got == {"no bytes": None, "half a head": None, "half a body": 408}
         assert raw_request(s.port, head + body) == 200  # served again once they are gone
         assert used(s, KEY) == 2
+        with httpx.Client(base_url=s.root) as c:
+            refused = metric(c, 'b2kd_refusals_total{reason="connections"}')
+            assert refused >= 2  # the health checks that met the limit, and the inference request
+            assert metric(c, 'b2kd_http_requests_total{endpoint="unmatched",status="503"}') == refused
+        logged = wait_for_log(log, lambda r: r["status"] == 503 and r["path"] == infer)
+        assert len(logged) == 1 and "limit of 4 connections" in logged[0]["error"]
+        assert len(wait_for_log(log, lambda r: r["status"] == 503)) == refused
+
+
+def test_one_address_cannot_hold_every_connection(model, tmp_path):
+    """Before: 1,005 idle sockets from one address made every request (health checks too) a 503
+    until they timed out, and none of those 503s showed in /metrics or the access log. Now one
+    address holds at most a quarter of max_connections; beyond that, a 503 at once, counted."""
+    log = tmp_path / "access.log"
+    flood, allowed = 120, 25
+    with ThreadServer(model, api_keys={KEY: None}, read_timeout_s=30, max_connections=100,
+                      access_log=log) as s:
+        start = time.monotonic()
+        socks = [socket.create_connection(("127.0.0.1", s.port), timeout=10, source_address=("127.0.0.2", 0))
+                 for _ in range(flood)]
+        try:
+            statuses = [read_status(sock) if i >= allowed else None for i, sock in enumerate(socks)]
+            assert statuses[allowed:] == [503] * (flood - allowed)  # answered at once, not after 30 s
+            body, headers = infer_body(images(1, seed=81), binary=True)
+            with httpx.Client(base_url=s.root, timeout=10) as c:  # another address is served
+                assert c.get("/v2/health/ready").status_code == 200
+                assert c.post("/v2/models/teacher/infer", content=body,
+                              headers={**headers, **AUTH}).status_code == 200
+                assert metric(c, 'b2kd_refusals_total{reason="connections_per_address"}') == flood - allowed
+                assert metric(c, 'b2kd_http_requests_total{endpoint="unmatched",status="503"}') == flood - allowed
+            assert time.monotonic() - start < 20
+        finally:
+            for sock in socks:
+                sock.close()
+        records = wait_for_log(log, lambda r: r["status"] == 503 and r["client"] == "127.0.0.2")
+        deadline = time.monotonic() + 10
+        while len(records) < flood - allowed and time.monotonic() < deadline:
+            records = wait_for_log(log, lambda r: r["status"] == 503 and r["client"] == "127.0.0.2")
+        assert len(records) == flood - allowed
+        assert "holds 25 connections" in records[0]["error"]

@@ -171,6 +171,10 @@ class DistillConfig(_Section):
     # weight of CORAL (Sun & Saenko, 2016) between the student's penultimate features on paid
     # images and on the private images (unsupervised domain alignment, on the device; 0: off)
     coral_weight: float = Field(0.0, ge=0)
+    # generator methods: share of the budget paid for mixtures of the pool's own generator images,
+    # where a student fitted on the pool is least sure (b2kd.mixup_pool; Active Mixup without
+    # private images); 0: off
+    mixup_share: float = Field(0.0, ge=0, lt=1)
     # baselines (b2kd.methods); each reads only its own keys
     dkd_alpha: float = 1.0  # DKD target-class term
     dkd_beta: float = 8.0  # DKD non-target-class term
