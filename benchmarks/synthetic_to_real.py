@@ -40,6 +40,7 @@ VARIANTS = {
     "mekd-sn15-anchor-nolabels": ("sn15", "mekd", ["distill.anchor_share=0.25", "distill.anchor_sd=0.5",
                                                    "distill.anchor_weight=0"]),
     "mekd-sn15-coral": ("sn15", "mekd", ["distill.coral_weight=1"]),
+    "mekd-sn15-mixup": ("sn15", "mekd", ["distill.mixup_share=0.25"]),
     # the upper bound: the teacher's answers on the real private images (KD; never a product mode)
     "kd-real": (None, "kd", ["distill.local_unlabelled=false", "distill.transfer_copies=true"]),
 }
