@@ -49,16 +49,21 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _compared(flat: dict[str, Any], keys: tuple[str, ...] | None) -> dict[str, Any]:
+def _compared(flat: dict[str, Any], keys: tuple[str, ...] | None,
+              ignore: frozenset[str] = frozenset()) -> dict[str, Any]:
     return {k: v for k, v in flat.items()
-            if k not in IGNORED and not k.startswith(IGNORED_SECTIONS)
+            if k not in IGNORED and k not in ignore and not k.startswith(IGNORED_SECTIONS)
             and (keys is None or any(k == p or (p.endswith(".") and k.startswith(p)) for p in keys))}
 
 
-def differences(stored: dict, now: Config, keys: tuple[str, ...] | None = None) -> list[str]:
-    """'key: then -> now' for each compared setting that differs (stored: a config.yaml tree)."""
-    then = _compared(flatten(stored), keys)
-    current = _compared(flatten(now.model_dump(mode="json")), keys)
+def differences(stored: dict, now: Config, keys: tuple[str, ...] | None = None,
+                ignore: frozenset[str] = frozenset()) -> list[str]:
+    """'key: then -> now' for each compared setting that differs (stored: a config.yaml tree).
+
+    ``keys``: only these keys and sections ('data.'); ``ignore``: keys not compared beside IGNORED
+    (b2kd.run_dir compares a CLI run's directory with these rules, per stage)."""
+    then = _compared(flatten(stored), keys, ignore)
+    current = _compared(flatten(now.model_dump(mode="json")), keys, ignore)
     gone = [f"{k}: {then[k]!r} -> removed, always {REMOVED[k]!r}" for k in sorted(then)
             if k in REMOVED and REMOVED[k] is not ANY and then[k] != REMOVED[k]]
     return gone + [f"{k}: {then[k]!r} -> {current[k]!r}" for k in sorted(current)

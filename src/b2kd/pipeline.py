@@ -7,6 +7,7 @@ its ``ledger.sqlite`` when it queries the teacher, checkpoints and reports.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Self
@@ -17,6 +18,7 @@ from b2kd import __version__, distributed
 from b2kd.blackbox import LocalBackend, ResponseKind
 from b2kd.edge import BlackBoxTeacher, Ledger
 from b2kd.edge.cache import SharedCache
+from b2kd.engine import short_run_warning
 from b2kd.checkpoint import CheckpointError, load_classifier, load_generator
 from b2kd.config import Config, ConfigError, save_config
 from b2kd.data import dev_split, edge_split, load_dataset, private_images
@@ -24,24 +26,69 @@ from b2kd.evaluate import evaluate, predict
 from b2kd.methods import get_method
 from b2kd.models.fold import fold_frozen
 from b2kd.progress import QueryProgress
+from b2kd.run_dir import (check_ledger, check_same_run, check_writable, fingerprints,
+                          nothing_left_if_refused, record_run)
 from b2kd.runtime import fast_layout, hardware, setup
 
 
-def prepare_run(cfg: Config, out: str | Path) -> tuple[Path, torch.device]:
-    """Seed, set threads and device, create the run directory and record the config.
+def prepare_run(cfg: Config, out: str | Path, stage: str | None = None) -> tuple[Path, torch.device]:
+    """Seed, set threads and device, and check that ``out`` can be written (one line if not).
 
+    A stage (teacher, deprivatize, distill) writes nothing yet: it checks what it needs, then
+    :func:`start_run` records it just before its first query or epoch, so a refused run leaves
+    no config.yaml describing a run it did not make. Without a stage (``b2kd serve``) the
+    directory is created and the config recorded at once.
     Under torchrun this process joins the job (b2kd.distributed) and only rank 0 writes.
     """
     device = distributed.init(cfg.distributed, setup(cfg.seed, cfg.threads, cfg.device))
     out = Path(out)
-    if distributed.is_main():
+    check_writable(out)
+    if stage is None and distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     return out, device
 
 
+def start_run(cfg: Config, out: Path, stage: str, inputs: dict[str, str | None]) -> None:
+    """The last check before a stage's first query or epoch: OUT holds no run made with other
+    settings or other input checkpoints (b2kd.run_dir); then rank 0 records this one."""
+    prints = fingerprints(inputs)
+    check_same_run(cfg, out, stage, prints)
+    if distributed.is_main():
+        record_run(cfg, out, prints)
+
+
+def _loads(load, path: str | Path):
+    """``load(path)``, with a checkpoint that torch reads but cannot rebuild as one line too."""
+    try:
+        return load(path)
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"cannot load {path}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def check_teacher_inputs(cfg: Config, out: Path) -> None:
+    """Before the first query: the teacher checkpoint (queried, or kept to evaluate the student
+    against) loads, and the ledgers this run writes pass SQLite's quick_check."""
+    if cfg.teacher.checkpoint or not cfg.teacher.url:
+        _loads(load_classifier, teacher_checkpoint(cfg))
+    check_ledger(out / "ledger.sqlite")
+    if cfg.teacher.shared_cache:
+        check_ledger(Path(cfg.teacher.shared_cache))
+
+
 def _quiet(*args, **kwargs) -> None:
     pass
+
+
+def short_distillation(cfg: Config) -> str | None:
+    """Before paying: a warning when the student would train too few steps to learn (b2kd.engine);
+    None for a long enough run, or one stopped early on purpose (distill.max_steps)."""
+    d = cfg.distill
+    if d.max_steps is not None:
+        return None
+    train = d.budget - round(d.budget * d.val_fraction)
+    steps = d.steps or d.epochs * math.ceil(train / (d.batch_size * distributed.world_size()))
+    return short_run_warning(steps, d.warmup_steps)
 
 
 def _progress(label: str, budget: int | None, spent: int):
@@ -88,7 +135,8 @@ def open_teacher(cfg: Config, run_dir: Path, response: str, budget: int | None, 
         backend = LocalBackend.from_checkpoint(teacher_checkpoint(cfg), kind)
     if cfg.teacher.shared_cache:
         backend = SharedCache(backend, Ledger(cfg.teacher.shared_cache), stage)
-    return BlackBoxTeacher(backend, Ledger(run_dir / "ledger.sqlite"), budget=budget, stage=stage)
+    return BlackBoxTeacher(backend, Ledger(run_dir / "ledger.sqlite"), budget=budget, stage=stage,
+                           allow_mixed_providers=cfg.teacher.allow_mixed_providers)
 
 
 def load_run_config(run_dir: Path) -> Config:
@@ -138,8 +186,10 @@ def edge_dev_set(cfg: Config):
 def run_teacher(cfg: Config, out: str | Path, log=print) -> dict:
     from b2kd.teacher_train import train_teacher
 
-    out, device = prepare_run(cfg, out)
-    meta = train_teacher(cfg, out, device, log if distributed.is_main() else _quiet)
+    out, device = prepare_run(cfg, out, "teacher")
+    with nothing_left_if_refused(out, distributed.is_main()):
+        start_run(cfg, out, "teacher", {})
+        meta = train_teacher(cfg, out, device, log if distributed.is_main() else _quiet)
     if distributed.is_main():
         (out / "report.json").write_text(json.dumps(meta, indent=2))
     return meta
@@ -148,15 +198,18 @@ def run_teacher(cfg: Config, out: str | Path, log=print) -> dict:
 def run_deprivatize(cfg: Config, out: str | Path, log=print) -> dict:
     from b2kd.deprivatize import deprivatize
 
-    out, device = prepare_run(cfg, out)
-    private = edge_private_images(cfg)
-    teacher = distributed.teacher_on_rank0(
-        lambda: open_teacher(cfg, out, cfg.deprivatize.response, cfg.deprivatize.max_queries, "deprivatize"),
-        cfg.deprivatize.max_queries)
-    start = time.perf_counter()
-    with _progress("deprivatize queries", cfg.deprivatize.max_queries, teacher.spent) as bar:
-        result = deprivatize(cfg.deprivatize, private, teacher, out, cfg.seed, device, bar.update,
-                             log if distributed.is_main() else _quiet, parallel=cfg.distributed)
+    out, device = prepare_run(cfg, out, "deprivatize")
+    with nothing_left_if_refused(out, distributed.is_main()):
+        check_teacher_inputs(cfg, out)
+        private = edge_private_images(cfg)
+        start_run(cfg, out, "deprivatize", {"teacher.checkpoint": cfg.teacher.checkpoint})
+        teacher = distributed.teacher_on_rank0(
+            lambda: open_teacher(cfg, out, cfg.deprivatize.response, cfg.deprivatize.max_queries, "deprivatize"),
+            cfg.deprivatize.max_queries)
+        start = time.perf_counter()
+        with _progress("deprivatize queries", cfg.deprivatize.max_queries, teacher.spent) as bar:
+            result = deprivatize(cfg.deprivatize, private, teacher, out, cfg.seed, device, bar.update,
+                                 log if distributed.is_main() else _quiet, parallel=cfg.distributed)
     if not distributed.is_main():  # rank 0 reports for the whole job
         return result
     result.update(teacher.ledger.totals())
@@ -168,9 +221,15 @@ def run_deprivatize(cfg: Config, out: str | Path, log=print) -> dict:
 
 
 def run_distill(cfg: Config, out: str | Path, log=print) -> dict:
+    """Pay for the pool and train the student; a run refused before its first query leaves nothing."""
+    out, device = prepare_run(cfg, out, "distill")
+    with nothing_left_if_refused(out, distributed.is_main()):
+        return _distill_run(cfg, out, device, log)
+
+
+def _distill_run(cfg: Config, out: Path, device: torch.device, log) -> dict:
     from b2kd.distill import distill
 
-    out, device = prepare_run(cfg, out)
     d = cfg.distill
     method = get_method(d.method)
     distributed.check_supported(cfg, method)
@@ -190,9 +249,19 @@ def run_distill(cfg: Config, out: str | Path, log=print) -> dict:
     if method.source == "generator":
         if not cfg.deprivatize.generator:
             raise ConfigError("no generator given: pass --generator PATH (or set deprivatize.generator)")
-        generator, _ = load_generator(cfg.deprivatize.generator)
+        generator, _ = _loads(load_generator, cfg.deprivatize.generator)
         # frozen from here on: folded into fewer, equivalent layers (b2kd.models.fold; 2.3-2.6x faster)
         generator = fast_layout(fold_frozen(generator).to(device))
+    discriminator = None
+    if d.balance_realism > 0:  # a generator method's balanced pool (checked above)
+        from b2kd.realism import load_discriminator
+
+        discriminator = _loads(load_discriminator, cfg.deprivatize.generator).to(device)
+    check_teacher_inputs(cfg, out)
+    if warning := short_distillation(cfg):
+        log(f"warning: {warning}")
+    start_run(cfg, out, "distill", {"teacher.checkpoint": cfg.teacher.checkpoint,
+                                    "deprivatize.generator": None if generator is None else cfg.deprivatize.generator})
     teacher = distributed.teacher_on_rank0(lambda: open_teacher(cfg, out, d.response, d.budget, "distill"),
                                            d.budget)
     setup = None
@@ -217,11 +286,6 @@ def run_distill(cfg: Config, out: str | Path, log=print) -> dict:
     local_model = None
     if method.white_box and distributed.is_main():
         local_model = teacher.backend.model.to(device)
-    discriminator = None
-    if d.balance_realism > 0:  # a generator method's balanced pool (checked above)
-        from b2kd.realism import load_discriminator
-
-        discriminator = load_discriminator(cfg.deprivatize.generator).to(device)
     start = time.perf_counter()
     with _progress(f"{d.method}/{d.response} queries", d.budget, teacher.spent) as bar:
         summary = distill(cfg, teacher, generator, out, device, bar.update, log,
