@@ -29,171 +29,245 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    dataset: str = "mnist"
-    root: str | None = None
-    image_size: int = 28
-    channels: int = 1
-    local_fraction: float = Field(0.1, gt=0, lt=1)
-    split_seed: int = 0
-    # labelled images of the teacher's training split outside the private set: every tuned value
-    # is chosen on them (reported as dev_acc), never on the test set
-    dev_size: int = Field(5000, ge=0)
-    # a distribution gap between the teacher's data and the private set (b2kd.data.shift)
-    private_shift: Literal["none", "imbalance", "corrupt"] = "none"
-    shift_classes: list[int] = [5, 6, 7, 8, 9]  # imbalance: these classes ...
-    shift_factor: float = Field(0.1, gt=0, le=1)  # ... kept at this fraction of their frequency
-    corruptions: list[str] = ["blur", "noise", "rotation", "contrast"]  # corrupt: one per image
-    private_dataset: str | None = None  # the private set from another reader entirely (all its
-    private_root: str | None = None  # train split, resized to the teacher's input)
+    dataset: str = Field(
+        "mnist",
+        description="The teacher's dataset: mnist, fashion_mnist, cifar10, cifar100, svhn, digits, "
+                    "folder or npz")
+    root: str | None = Field(
+        None,
+        description="Where the dataset's files are (None: where its installed data package keeps "
+                    "them)")
+    image_size: int = Field(
+        28, description="Side of the square images every model takes, in pixels")
+    channels: int = Field(1, description="1 (grey) or 3 (colour)")
+    local_fraction: float = Field(
+        0.1, gt=0, lt=1,
+        description="Share of the training split held back as the edge's private, unlabelled set")
+    split_seed: int = Field(0, description="Seed of the private / teacher / dev split")
+    dev_size: int = Field(
+        5000, ge=0,
+        description="Labelled training images outside the private set that every tuned value is "
+                    "chosen on (dev_acc); never the test set")
+    private_shift: Literal["none", "imbalance", "corrupt"] = Field(
+        "none",
+        description="A gap between the teacher's data and the private set: none, imbalance or "
+                    "corrupt")
+    shift_classes: list[int] = Field(
+        [5, 6, 7, 8, 9], description="imbalance: the classes made rare")
+    shift_factor: float = Field(
+        0.1, gt=0, le=1,
+        description="imbalance: the fraction of their frequency those classes keep")
+    corruptions: list[str] = Field(
+        ["blur", "noise", "rotation", "contrast"],
+        description="corrupt: the corruptions, one drawn per image")
+    private_dataset: str | None = Field(
+        None,
+        description="The private set from another dataset entirely (its train split, resized to the "
+                    "teacher's input)")
+    private_root: str | None = Field(None, description="Where that dataset's files are")
 
 
 class TeacherConfig(_Section):
-    arch: str = "cnn_small"
-    checkpoint: str | None = None  # an existing teacher; later stages read it
-    url: str | None = None  # a served teacher (Open Inference Protocol); queries go there instead
-    api_key: str | None = None  # sent as 'Authorization: Bearer KEY'; never written to config.yaml
-    binary: bool = True  # images as raw bytes (binary tensor extension), not JSON lists
-    shared_cache: str | None = None  # a ledger of responses paid once and reused across runs (bench)
-    # a served model's inputs and answers (b2kd.edge.preprocess, README "Any provider"):
-    # FP32/FP16 inputs get (pixel * scale - mean) / std per channel, from a preset and/or the keys
-    input_preset: str | None = None  # raw, unit, symmetric, mnist, cifar10, imagenet
-    input_scale: float | None = None
-    input_mean: list[float] | None = None
-    input_std: list[float] | None = None
-    output: Literal["probabilities", "logits"] = "probabilities"  # logits: softmax on the edge
-    # a gray-box server's embedding output (N, D) when it is no b2kd server (which names it itself)
-    embedding_output: str | None = None
-    # every wait is bounded: connection errors and 5xx are retried `retries` times; each wait
-    # (Retry-After or backoff) is at most max_wait_s, a request gives up after max_total_wait_s
-    timeout_s: float = Field(60.0, gt=0)
-    retries: int = Field(6, ge=0)
-    backoff_s: float = Field(0.5, gt=0)
-    max_wait_s: float = Field(60.0, gt=0)
-    max_total_wait_s: float = Field(600.0, gt=0)
-    epochs: int = 3
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    crop_padding: int = 2
+    arch: str = Field("cnn_small", description="The teacher's architecture when b2kd trains it")
+    checkpoint: str | None = Field(
+        None, description="An existing teacher checkpoint; later stages read it")
+    url: str | None = Field(
+        None, description="A served teacher (Open Inference Protocol): queries go there instead")
+    api_key: str | None = Field(
+        None, description="Sent as 'Authorization: Bearer KEY'; never written to config.yaml")
+    binary: bool = Field(
+        True, description="Send images as raw bytes (the binary tensor extension), not JSON lists")
+    shared_cache: str | None = Field(
+        None, description="A ledger of answers paid once and reused across runs (bench)")
+    input_preset: str | None = Field(
+        None,
+        description="A served model's input scaling: raw, unit, symmetric, mnist, cifar10 or "
+                    "imagenet")
+    input_scale: float | None = Field(
+        None, description="FP32/FP16 inputs are (pixel * scale - mean) / std: the scale")
+    input_mean: list[float] | None = Field(
+        None, description="The per-channel mean of that normalisation")
+    input_std: list[float] | None = Field(
+        None, description="The per-channel std of that normalisation")
+    output: Literal["probabilities", "logits"] = Field(
+        "probabilities",
+        description="What a served model answers: probabilities, or logits (softmax on the edge)")
+    embedding_output: str | None = Field(
+        None, description="A gray-box server's embedding output (N, D) when it is no b2kd server")
+    timeout_s: float = Field(
+        60.0, gt=0, description="Longest attempt (connect, send, every read), in seconds")
+    retries: int = Field(6, ge=0, description="Retries of connection errors and 5xx answers")
+    backoff_s: float = Field(
+        0.5, gt=0, description="First wait between retries, growing exponentially")
+    max_wait_s: float = Field(
+        60.0, gt=0, description="Longest single wait (Retry-After or backoff)")
+    max_total_wait_s: float = Field(
+        600.0, gt=0,
+        description="Longest time one request may take in all (attempts, waits, reads)")
+    epochs: int = Field(3, description="Training epochs of the teacher")
+    batch_size: int = Field(128, description="The teacher's training batch")
+    lr: float = Field(0.05, description="The teacher's SGD learning rate (cosine schedule)")
+    momentum: float = Field(0.9, description="The teacher's SGD momentum")
+    weight_decay: float = Field(5e-4, description="The teacher's weight decay")
+    crop_padding: int = Field(
+        2, description="Random shifts of the teacher's training images, in pixels")
 
 
 class DeprivatizeConfig(_Section):
-    generator: str | None = None  # an existing generator checkpoint; distill reads it
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 2e-4
-    d_lr: float | None = Field(None, gt=0)  # the discriminator's own rate (None: lr); TTUR
-    betas: tuple[float, float] = (0.5, 0.999)
-    alpha: float = 0.5  # weight of the information-maximisation term
-    widths: tuple[int, int] = (128, 64)
-    response: str = "soft"
-    query_every: int = 5  # query the teacher on every k-th generator step
-    query_batch: int = 16  # images queried at each such step
-    max_queries: int = 5000  # the stage's own budget
-    # spectral normalisation of D's layers, without its BatchNorm (SN-GAN, Miyato et al., 2018);
-    # with d_lr 4 x lr and a longer GAN it is both bench files' setting (25 epochs on the main bench,
-    # 40 under the gaps; chosen on dev); alone, at the demo's 15 epochs, D is too weak and G draws
-    # broken strokes (docs/performance.md)
-    spectral_norm: bool = False
+    generator: str | None = Field(
+        None, description="An existing generator checkpoint; distill reads it")
+    epochs: int = Field(20, description="GAN epochs over the private images")
+    batch_size: int = Field(64, description="GAN batch")
+    lr: float = Field(2e-4, description="Adam learning rate of G (and of D unless d_lr is set)")
+    d_lr: float | None = Field(
+        None, gt=0, description="The discriminator's own Adam rate (None: lr); TTUR")
+    betas: tuple[float, float] = Field((0.5, 0.999), description="Adam betas of G and D")
+    alpha: float = Field(0.5, description="Weight of the information-maximisation term in G's loss")
+    widths: tuple[int, int] = Field(
+        (128, 64), description="Channel widths of the generator's two blocks")
+    response: str = Field(
+        "soft",
+        description="What the teacher answers during deprivatization: soft, hard, topk:K, rounded:D")
+    query_every: int = Field(5, description="Query the teacher on every k-th generator step")
+    query_batch: int = Field(16, description="Images queried at each such step")
+    max_queries: int = Field(5000, description="The stage's own query budget")
+    spectral_norm: bool = Field(
+        False,
+        description="Spectrally normalised D without BatchNorm (SN-GAN); with d_lr 4x lr and a "
+                    "longer GAN, the bench files' setting")
 
 
 class DistillConfig(_Section):
-    method: str = "mekd"
-    response: str = "soft"
-    budget: int = Field(20000, ge=1)
-    student: str = "lenet5"
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: Literal["cosine", "step"] = "cosine"
-    milestones: list[int] = [80, 160]  # used by the step schedule (lr x0.1 at each)
-    tau: float = 5.0
-    tau_g: float = 5.0
-    beta: float = 1.0
-    distance: Literal["l1", "l2"] = "l1"
-    # hard responses: "ce" (cross-entropy on the label) measured 96.2% vs 71.8% for the
-    # reference "kl" at tau 5 on the MNIST demo (LeNet-5 student, 20k queries)
-    hard_loss: Literal["kl", "ce"] = "ce"
-    val_fraction: float = Field(0.05, ge=0, lt=1)  # held-out slice of the paid pool
-    select: Literal["val", "last"] = "val"
-    # the report warns of a class holding under this fraction of a uniform pool's share (b2kd.pool_labels)
-    thin_class_factor: float = Field(0.25, ge=0, le=1)
-    # random shifts of paid images (same response, no new query): 96.2% vs 93.8% without
-    # on the MNIST demo (soft, 20k queries)
-    crop_padding: int = 2
-    query_batch: int = 500
-    max_steps: int | None = None  # stop early (smoke runs, throughput checks)
-    # local-data methods: fill a budget past the private set's size with shifted copies of it
-    transfer_copies: bool = False
-    steps: int | None = Field(None, ge=1)  # training length in steps, whatever the pool's size
-    grad_clip: float | None = Field(5.0, gt=0)  # cap on the student's global gradient norm
-    warmup_steps: int = Field(50, ge=0)  # linear learning-rate warm-up; the schedule steps per step
-    # semi-supervised distillation (b2kd.semisup): the private images train the student on the
-    # device, unlabelled (FixMatch consistency on confident pseudo-labels); never sent
-    local_unlabelled: bool = True
-    # gray-box answers (a +embedding response kind): weight of the term matching the student's
-    # penultimate features, through a learned projection, to the teacher's embedding (0: off)
-    feature_weight: float = Field(1.0, ge=0)
-    unlabelled_weight: float = Field(1.0, ge=0)
-    unlabelled_threshold: float = Field(0.95, ge=0, le=1)
-    unlabelled_ratio: float = Field(1.0, gt=0)  # unlabelled batch = ratio x batch_size
-    # generator methods: add the images deprivatization paid for, with their answers, to the pool
-    # (no new query; counted as setup_queries beside the pool's)
-    reuse_setup: bool = True
-    # generator methods: "balanced" pays a first part at random, fits the student on it, then
-    # spends the rest on free generator candidates chosen so the teacher's classes are even
-    pool: Literal["random", "balanced"] = "balanced"
-    balance_first: float = Field(0.25, gt=0, le=1)  # share of the budget paid at random first
-    balance_candidates: int = Field(4, ge=1)  # candidates scored per remaining query
-    balance_fit_steps: int = Field(200, ge=0)  # student steps on the first part
-    # sd of latent neighbours drawn around the first part's images of a class short of candidates
-    # (a GAN that seldom draws a class); 0: off. 0.1 chosen on dev under the imbalance gap at the
-    # default FixMatch threshold (0.1 / 0.2 / 0.5: 91.26 / 90.78 / 88.68%, off 85.00%); at threshold
-    # 0.8, 0.2 was better (93.74 / 92.08%): bench-mnist-gap.yaml sets both (docs/benchmarks.md)
-    balance_neighbours: float = Field(0.1, ge=0)
-    # share of each class's candidates dropped before the picks, those deprivatization's
-    # discriminator rates least like the private images (b2kd.realism); 0: off
-    balance_realism: float = Field(0.0, ge=0, lt=1)
-    # generator methods: share of the budget paid at latents around private images inverted into
-    # the generator on the device (b2kd.anchored_pool); 0: off. anchor_sd is the perturbation (the
-    # privacy/accuracy knob), anchor_floor the quantile of the private set's own nearest-neighbour
-    # distances under which a candidate is dropped before it is paid, anchor_per the images per anchor
-    anchor_share: float = Field(0.0, ge=0, lt=1)
-    anchor_sd: float = Field(0.5, ge=0)
-    anchor_floor: float = Field(0.05, ge=0, lt=1)
-    anchor_per: int = Field(4, ge=1)
-    # weight of the term training the student on the anchored private images, each labelled with
-    # its paid neighbours' mean answer (on the device; 0: off)
-    anchor_weight: float = Field(1.0, ge=0)
-    # weight of CORAL (Sun & Saenko, 2016) between the student's penultimate features on paid
-    # images and on the private images (unsupervised domain alignment, on the device; 0: off)
-    coral_weight: float = Field(0.0, ge=0)
-    # generator methods: share of the budget paid for mixtures of the pool's own generator images,
-    # where a student fitted on the pool is least sure (b2kd.mixup_pool; Active Mixup without
-    # private images); 0: off
-    mixup_share: float = Field(0.0, ge=0, lt=1)
+    method: str = Field(
+        "mekd", description="mekd, or a baseline: kd, ml, al, dkd, kn, am, db3kd, dafl")
+    response: str = Field(
+        "soft",
+        description="What the teacher answers: soft, hard, topk:K, rounded:D (+embedding: gray-box)")
+    budget: int = Field(20000, ge=1, description="Queries paid for the pool")
+    student: str = Field(
+        "lenet5",
+        description="The student's architecture (LeNet-5: the student every default was measured "
+                    "with)")
+    epochs: int = Field(20, ge=1, description="Passes over the paid pool")
+    batch_size: int = Field(128, ge=1, description="Training batch (per process under torchrun)")
+    lr: float = Field(0.05, description="The student's SGD learning rate")
+    momentum: float = Field(0.9, description="SGD momentum")
+    weight_decay: float = Field(5e-4, description="SGD weight decay")
+    schedule: Literal["cosine", "step"] = Field(
+        "cosine", description="Learning-rate schedule, stepped per step: cosine or step")
+    milestones: list[int] = Field(
+        [80, 160], description="step schedule: epochs at which the rate is multiplied by 0.1")
+    tau: float = Field(5.0, description="Temperature of the KL on soft answers")
+    tau_g: float = Field(
+        5.0, description="Temperature of the logits the generator reads (MEKD's alignment term)")
+    beta: float = Field(
+        1.0, description="Weight of the answer-matching term beside MEKD's alignment")
+    distance: Literal["l1", "l2"] = Field("l1", description="MEKD's image distance: l1 or l2")
+    hard_loss: Literal["kl", "ce"] = Field(
+        "ce",
+        description="Loss on hard answers: ce (cross-entropy on the label; 96.2% against 71.8% for "
+                    "kl on the MNIST demo) or kl (the reference form)")
+    val_fraction: float = Field(
+        0.05, ge=0, lt=1, description="Held-out slice of the paid pool that chooses best.pt")
+    select: Literal["val", "last"] = Field(
+        "val", description="best.pt: the epoch best on the held-out slice (val), or the last")
+    thin_class_factor: float = Field(
+        0.25, ge=0, le=1,
+        description="The report warns of a class holding under this fraction of a uniform pool's "
+                    "share")
+    crop_padding: int = Field(
+        2, description="Random shifts of paid images (same answer, no new query), in pixels")
+    query_batch: int = Field(500, description="Images per request to the teacher")
+    max_steps: int | None = Field(
+        None, description="Stop after this many steps (smoke runs, throughput checks)")
+    transfer_copies: bool = Field(
+        False,
+        description="Local-data methods: fill a budget past the private set's size with shifted "
+                    "copies of it")
+    steps: int | None = Field(
+        None, ge=1, description="Training length in steps, whatever the pool's size (None: epochs)")
+    grad_clip: float | None = Field(
+        5.0, gt=0, description="Cap on the student's global gradient norm (None: no cap)")
+    warmup_steps: int = Field(50, ge=0, description="Steps of linear learning-rate warm-up")
+    local_unlabelled: bool = Field(
+        True,
+        description="Train the student on the private images too, on the device and unlabelled "
+                    "(FixMatch); never sent")
+    feature_weight: float = Field(
+        1.0, ge=0,
+        description="Gray-box answers: weight of matching the student's features to the teacher's "
+                    "embedding (0: off)")
+    unlabelled_weight: float = Field(1.0, ge=0, description="Weight of the FixMatch term")
+    unlabelled_threshold: float = Field(
+        0.95, ge=0, le=1, description="Confidence a pseudo-label needs to count")
+    unlabelled_ratio: float = Field(
+        1.0, gt=0, description="Private images per step, as a multiple of batch_size")
+    reuse_setup: bool = Field(
+        True,
+        description="Generator methods: add deprivatization's paid answers to the pool (no new "
+                    "query)")
+    pool: Literal["random", "balanced"] = Field(
+        "balanced",
+        description="Generator methods: random, or balanced (the rest of the budget evens the "
+                    "teacher's classes after a random first part)")
+    balance_first: float = Field(
+        0.25, gt=0, le=1, description="balanced: share of the budget paid at random first")
+    balance_candidates: int = Field(
+        4, ge=1, description="balanced: free generator candidates scored per remaining query")
+    balance_fit_steps: int = Field(
+        200, ge=0, description="balanced: student steps on the first part before scoring")
+    balance_neighbours: float = Field(
+        0.1, ge=0,
+        description="balanced: sd of latent neighbours drawn for a class short of candidates (0: "
+                    "off)")
+    balance_realism: float = Field(
+        0.0, ge=0, lt=1,
+        description="balanced: share of each class's candidates dropped, those deprivatization's D "
+                    "rates least real (0: off)")
+    anchor_share: float = Field(
+        0.0, ge=0, lt=1,
+        description="Generator methods: share of the budget paid around private images inverted "
+                    "into the generator (0: off)")
+    anchor_sd: float = Field(
+        0.5, ge=0,
+        description="Anchored pool: sd of the latent perturbation (the privacy/accuracy knob)")
+    anchor_floor: float = Field(
+        0.05, ge=0, lt=1,
+        description="Anchored pool: quantile of the private set's nearest-neighbour distances under "
+                    "which a candidate is never paid")
+    anchor_per: int = Field(4, ge=1, description="Anchored pool: images per anchor")
+    anchor_weight: float = Field(
+        1.0, ge=0,
+        description="Weight of training on the anchored private images, labelled by their "
+                    "neighbours' answers (0: off)")
+    coral_weight: float = Field(
+        0.0, ge=0,
+        description="Weight of CORAL between the student's features on paid and on private images "
+                    "(0: off)")
+    mixup_share: float = Field(
+        0.0, ge=0, lt=1,
+        description="Generator methods: share of the budget paid for mixtures of the pool's images "
+                    "where the student is least sure (0: off)")
     # baselines (b2kd.methods); each reads only its own keys
-    dkd_alpha: float = 1.0  # DKD target-class term
-    dkd_beta: float = 8.0  # DKD non-target-class term
-    al_weight: float = 0.1  # AL: weight of the adversarial term in the student's loss
-    al_lr: float = 1e-3  # AL: the logit discriminator's Adam learning rate
-    am_seed_fraction: float = Field(0.5, gt=0, le=1)  # AM: share of the budget spent on the seed set
-    am_cycles: int = Field(2, ge=1)  # AM: rounds of mixup selection after the seed set
-    am_candidates: int = Field(4, ge=1)  # AM: mixups scored per image kept
-    am_fit_steps: int = Field(100, ge=0)  # AM: student steps between rounds
-    db3kd_search_steps: int = Field(6, ge=1)  # DB3KD: binary-search steps per direction
-    db3kd_query_cap: int = Field(60, ge=2)  # DB3KD: most queries spent on one image
-    # DB3KD: boundary distance -> soft label; MNIST distances are 0.08-0.2. Re-checked on dev in
-    # stop 17 (CPU bench settings, seed 0): at 20k, 0.001 / 0.003 / 0.01 / 0.03 / 0.1 gave 93.48 /
-    # 93.72 / 93.18 / 90.08 / 60.04%, but 0.003 falls to 40.8% at 5k (0.03: 84.1%); over 5k / 20k /
-    # 50k, 0.03 has the best mean dev accuracy of the two measured at every budget
-    db3kd_temperature: float = Field(0.03, gt=0)
-    dafl_steps: int = Field(300, ge=0)  # DAFL: white-box generator steps
-    dafl_batch_size: int = Field(64, ge=1)
-    dafl_lr: float = 0.02  # DAFL generator's Adam learning rate
+    dkd_alpha: float = Field(1.0, description="DKD: weight of the target-class term")
+    dkd_beta: float = Field(8.0, description="DKD: weight of the non-target-class term")
+    al_weight: float = Field(
+        0.1, description="AL: weight of the adversarial term in the student's loss")
+    al_lr: float = Field(1e-3, description="AL: the logit discriminator's Adam learning rate")
+    am_seed_fraction: float = Field(
+        0.5, gt=0, le=1, description="AM: share of the budget spent on the seed set")
+    am_cycles: int = Field(2, ge=1, description="AM: rounds of mixup selection after the seed set")
+    am_candidates: int = Field(4, ge=1, description="AM: mixups scored per image kept")
+    am_fit_steps: int = Field(100, ge=0, description="AM: student steps between rounds")
+    db3kd_search_steps: int = Field(6, ge=1, description="DB3KD: binary-search steps per direction")
+    db3kd_query_cap: int = Field(60, ge=2, description="DB3KD: most queries spent on one image")
+    db3kd_temperature: float = Field(
+        0.03, gt=0,
+        description="DB3KD: temperature from boundary distance to soft label (best mean dev "
+                    "accuracy over 5k-50k on MNIST)")
+    dafl_steps: int = Field(300, ge=0, description="DAFL: white-box generator steps")
+    dafl_batch_size: int = Field(64, ge=1, description="DAFL: generator batch")
+    dafl_lr: float = Field(0.02, description="DAFL: the generator's Adam learning rate")
 
     @model_validator(mode="after")
     def _budget_pays_for_training(self) -> DistillConfig:
@@ -222,26 +296,42 @@ def min_budget(batch_size: int, val_fraction: float) -> int:
 class ServeConfig(_Section):
     """``b2kd serve``: the provider's side of the API."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)  # 0: any free port
-    model_name: str = "teacher"
-    response: str = "soft"  # what the API answers: soft, hard, topk:K, rounded:D (+embedding: gray-box)
-    api_keys: list[str] = []  # "KEY" (no quota) or "KEY:QUOTA"; none: no key needed
-    key_outputs: list[str] = []  # "KEY=OUTPUT[,OUTPUT...]": the outputs a key may read (others: all)
-    rate_limit: float | None = Field(None, gt=0)  # requests per second per key (429 beyond)
-    burst: int = Field(10, ge=1)  # requests a key may send at once before the rate applies
-    max_batch: int = Field(1024, ge=1)  # images per request (413 beyond)
-    max_body_bytes: int | None = Field(None, ge=1)  # None: what max_batch images take as JSON
-    # also from a file (one KEY[:QUOTA] a line) and the B2KD_SERVE_KEYS environment variable
-    api_key_file: str | None = None
-    store: str | None = None  # quotas and replay records: None: OUT/state.sqlite; or postgresql://...
-    secret_file: str | None = None  # key-id HMAC secret; None: OUT/secret (created, mode 0600)
-    metrics_key: str | None = None  # if set (or B2KD_METRICS_KEY), /metrics and stats need it
-    replay_ttl_s: float = Field(86400.0, gt=0)  # an answered request id is replayed free this long
-    replay_per_key: int = Field(10000, ge=1)  # answers kept for replay per key, oldest dropped
-    read_timeout_s: float = Field(30.0, gt=0)  # a request's head, and its body, must arrive within
-    max_connections: int = Field(1000, ge=1)  # connections and requests in flight (503 beyond)
-    auth_failures: int = Field(10, ge=1)  # failed authentications per address at once, then 1/s
+    host: str = Field("127.0.0.1", description="Address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port)")
+    model_name: str = Field("teacher", description="The model's name in the API's paths")
+    response: str = Field(
+        "soft",
+        description="What the API answers: soft, hard, topk:K, rounded:D (+embedding: gray-box)")
+    api_keys: list[str] = Field(
+        [], description="'KEY' (no quota) or 'KEY:QUOTA'; none: no key needed")
+    key_outputs: list[str] = Field(
+        [], description="'KEY=OUTPUT[,OUTPUT...]': the outputs a key may read (others: all)")
+    rate_limit: float | None = Field(
+        None, gt=0, description="Requests per second per key (429 beyond; None: no limit)")
+    burst: int = Field(
+        10, ge=1, description="Requests a key may send at once before the rate applies")
+    max_batch: int = Field(1024, ge=1, description="Images per request (413 beyond)")
+    max_body_bytes: int | None = Field(
+        None, ge=1, description="Largest request body (None: what max_batch images take as JSON)")
+    api_key_file: str | None = Field(
+        None, description="Keys from a file, one KEY[:QUOTA] a line (also B2KD_SERVE_KEYS)")
+    store: str | None = Field(
+        None, description="Quotas and replay records: None (OUT/state.sqlite) or postgresql://...")
+    secret_file: str | None = Field(
+        None, description="Key-id HMAC secret (None: OUT/secret, created with mode 0600)")
+    metrics_key: str | None = Field(
+        None, description="If set (or B2KD_METRICS_KEY), /metrics and stats need it")
+    replay_ttl_s: float = Field(
+        86400.0, gt=0, description="An answered request id is replayed free this long, in seconds")
+    replay_per_key: int = Field(
+        10000, ge=1, description="Answers kept for replay per key, oldest dropped")
+    read_timeout_s: float = Field(
+        30.0, gt=0,
+        description="A request's head, and its body, must arrive within this many seconds")
+    max_connections: int = Field(
+        1000, ge=1, description="Connections and requests in flight (503 beyond)")
+    auth_failures: int = Field(
+        10, ge=1, description="Failed authentications per address at once, then one a second")
 
 
 class DistributedConfig(_Section):
@@ -249,11 +339,15 @@ class DistributedConfig(_Section):
 
     Batch sizes stay per process: the effective batch is ``batch_size x world size``."""
 
-    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: NCCL on CUDA, gloo on CPU
-    timeout_s: float = Field(1800.0, gt=0)  # longest wait of one collective (rank 0 paying included)
-    sync_batchnorm: bool = False  # BatchNorm statistics over the whole batch (CUDA only)
-    # learning rate for the effective batch: "linear" x world size, "sqrt" x its root, "none" as set
-    scale_lr: Literal["none", "linear", "sqrt"] = "none"
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="auto (NCCL on CUDA, gloo on CPU), gloo or nccl")
+    timeout_s: float = Field(
+        1800.0, gt=0, description="Longest wait of one collective, rank 0's paying included")
+    sync_batchnorm: bool = Field(
+        False, description="BatchNorm statistics over the whole batch (CUDA only)")
+    scale_lr: Literal["none", "linear", "sqrt"] = Field(
+        "none",
+        description="Learning rate for the effective batch: none, linear (x world size) or sqrt")
 
 
 class AdaptConfig(_Section):
@@ -263,33 +357,52 @@ class AdaptConfig(_Section):
     fine-tuning of the whole student with a term that keeps its old head's answers on the
     private images close to the distilled student's. No teacher is queried."""
 
-    run: str | None = None  # the `b2kd distill` run adapted (set by b2kd adapt)
-    labelled: str | None = None  # the new task's labelled images: class folders or an .npz
-    test: str | None = None  # a labelled test set of the new task, same formats (report only)
-    classes: list[str] | None = None  # the new task's class names, in order (None: from the data)
-    shots: int | None = Field(None, ge=1)  # labelled images per class, a seeded choice
-    head_epochs: int = Field(100, ge=1)  # passes over the shots' features, body frozen
-    finetune_epochs: int = Field(2, ge=0)  # passes over the private images, whole student
-    lr: float = Field(0.01, gt=0)  # Adam, the new head
-    finetune_lr: float = Field(0.01, gt=0)  # SGD (momentum 0.9), the whole student
-    keep_weight: float = Field(1.0, ge=0)  # weight of the old head's KL to the distilled student
-    tau: float = Field(2.0, gt=0)  # temperature of that KL
-    batch_size: int = Field(64, ge=1)
-    seed: int = 0  # the shots drawn and the training
+    run: str | None = Field(None, description="The `b2kd distill` run adapted (set by b2kd adapt)")
+    labelled: str | None = Field(
+        None, description="The new task's labelled images: class folders or an .npz")
+    test: str | None = Field(
+        None, description="A labelled test set of the new task, same formats (report only)")
+    classes: list[str] | None = Field(
+        None, description="The new task's class names, in order (None: from the data)")
+    shots: int | None = Field(
+        None, ge=1, description="Labelled images per class, a seeded choice (None: all)")
+    head_epochs: int = Field(100, ge=1, description="Passes over the shots' features, body frozen")
+    finetune_epochs: int = Field(
+        2, ge=0, description="Passes over the private images, whole student")
+    lr: float = Field(0.01, gt=0, description="Adam learning rate of the new head")
+    finetune_lr: float = Field(
+        0.01, gt=0, description="SGD learning rate (momentum 0.9) of the whole student")
+    keep_weight: float = Field(
+        1.0, ge=0, description="Weight of the old head's KL to the distilled student")
+    tau: float = Field(2.0, gt=0, description="Temperature of that KL")
+    batch_size: int = Field(
+        64, ge=1, description="Batch of the head's training and the fine-tuning")
+    seed: int = Field(0, description="Seed of the shots drawn and the training")
 
 
 class Config(_Section):
-    seed: int = 0
-    threads: int | None = None
-    device: str = "cpu"  # cpu, cuda, or auto
-    out: str = "runs/default"
-    data: DataConfig = DataConfig()
-    teacher: TeacherConfig = TeacherConfig()
-    deprivatize: DeprivatizeConfig = DeprivatizeConfig()
-    distill: DistillConfig = DistillConfig()
-    serve: ServeConfig = ServeConfig()
-    distributed: DistributedConfig = DistributedConfig()
-    adapt: AdaptConfig = AdaptConfig()
+    seed: int = Field(
+        0, description="Seed of every random draw: splits, pools, initialisation, shuffling")
+    threads: int | None = Field(None, description="Torch CPU threads (None: torch's own choice)")
+    device: str = Field("cpu", description="cpu, cuda, or auto (CUDA when there is one)")
+    out: str = Field("runs/default", description="The run directory")
+    data: DataConfig = Field(
+        DataConfig(),
+        description="The datasets: the teacher's, the edge's private set, and the dev split")
+    teacher: TeacherConfig = Field(
+        TeacherConfig(),
+        description="The teacher: its architecture and training, or a served teacher and its client")
+    deprivatize: DeprivatizeConfig = Field(
+        DeprivatizeConfig(), description="Step one of MEKD: the GAN trained on the private images")
+    distill: DistillConfig = Field(
+        DistillConfig(), description="Step two: the paid pool and the student's training")
+    serve: ServeConfig = Field(
+        ServeConfig(), description="`b2kd serve`: the provider's side of the API")
+    distributed: DistributedConfig = Field(
+        DistributedConfig(), description="Data-parallel training under torchrun")
+    adapt: AdaptConfig = Field(
+        AdaptConfig(),
+        description="`b2kd adapt`: a new task learnt on the device from a distilled student")
 
 
 #: Options b2kd no longer has: each measured no better than the value given here on the dev split,
