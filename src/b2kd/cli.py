@@ -13,19 +13,60 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import yaml
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
-from b2kd.config import Config, load_config
+from b2kd.config import Config, ConfigError, load_config
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+try:  # typer 0.24 and later carry their own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer
+    from click import exceptions as click_errors
+
+#: `b2kd` (or `b2kd teacher`) alone: click shows the help through this error (click 8.2 and later).
+_NO_ARGS = getattr(click_errors, "NoArgsIsHelpError", ())
+
+# soft_wrap: never break a message or a path across lines when output is piped
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _error_line(message: str, code: int) -> None:
+    """The one form every b2kd error takes: 'error: ...' on stderr, then exit ``code``."""
+    err.print(f"[red]error:[/] {escape(message)}", markup=True, highlight=False)
+    sys.exit(code)
+
+
+class OneLineErrors(TyperGroup):
+    """The app's entry point: click's usage errors (an unknown option, a value of the wrong type)
+    end as one 'error: ...' line like every other b2kd error, not a usage block ending 'Error: ...'."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                standalone_mode=False, **extra)
+        try:
+            code = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                standalone_mode=False, **extra)
+        except _NO_ARGS as exc:  # `b2kd` alone: the help, as click shows it
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click_errors.ClickException as exc:
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            _error_line(exc.format_message() + hint, exc.exit_code)
+        except typer.Abort:
+            _error_line("aborted", 1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=OneLineErrors, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   rich_markup_mode=None,  # help texts name config keys in [brackets]
                   help="Black-box knowledge distillation from the cloud to the edge.")
 teacher_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The cloud's teacher.")
 app.add_typer(teacher_app, name="teacher")
-# soft_wrap: never break a message or a path across lines when output is piped
-console = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file")]
 OutOpt = Annotated[str | None, typer.Option(help="run directory [out]")]
@@ -89,7 +130,22 @@ def _other_rank() -> bool:
     return not distributed.is_main()
 
 
+def _check_yaml(path: Path) -> None:
+    """A malformed YAML file is one line naming the file, line and column (PyYAML's own message
+    takes 5 to 8 lines, with a copy of the line and a caret)."""
+    try:
+        yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+
+
 def _config(config: Path | None, options: dict, overrides: list[str] | None) -> Config:
+    if config is not None and config.is_file():
+        _check_yaml(config)
     return load_config(config, options, overrides)
 
 
@@ -98,9 +154,12 @@ def _pct(x: float | None) -> str:
 
 
 def _print_result(result: dict) -> None:
+    paid = result.get("fidelity_images")  # --pay-fidelity: teacher and fidelity on a paid sample
+    sample = f" (on a paid sample of {paid} test images)" if paid else ""
     console.print(
-        f"teacher {_pct(result['teacher_acc'])} | student (best) {_pct(result['student_acc'])}"
+        f"teacher {_pct(result['teacher_acc'])}{sample} | student (best) {_pct(result['student_acc'])}"
         f" | last {_pct(result['latest']['acc'])} | fidelity {_pct(result['fidelity'])}"
+        f"{' (same sample)' if paid else ''}"
         f" | queries {result.get('queries', '-')} | private images sent"
         f" {result.get('private_images_sent', '-')}"
     )

@@ -56,9 +56,35 @@ def step_schedule_factor(step: int, total: int, schedule: str, warmup: int = 0,
     return 0.1 ** sum(step >= m for m in milestones)
 
 
+#: The largest share of a run's steps its learning-rate warm-up may take.
+WARMUP_SHARE = 0.1
+#: Fewer training steps than this and a run is warned of: too short for its schedule to work.
+MIN_STEPS = 200
+
+
+def clipped_warmup(warmup: int, total_steps: int) -> int:
+    """The warm-up a run of ``total_steps`` gets: the one asked for, at most a tenth of the run.
+
+    Unclipped, a short run never trains at its learning rate: budget 2,000 for one epoch is about
+    48 steps, all inside the default 50-step warm-up, and the student ended at 10-17%."""
+    return max(0, min(warmup, int(total_steps * WARMUP_SHARE)))
+
+
+def short_run_warning(total_steps: int, warmup: int) -> str | None:
+    """A warning for a run of fewer than MIN_STEPS steps (None for a longer one)."""
+    if total_steps >= MIN_STEPS:
+        return None
+    cut = f"; its {warmup}-step warm-up is cut to {clipped_warmup(warmup, total_steps)}" if warmup else ""
+    return (f"the student trains for about {total_steps} steps, fewer than {MIN_STEPS}{cut}; a run this"
+            " short may end far below what its budget allows (raise distill.epochs or set distill.steps)")
+
+
 def make_step_scheduler(optimizer, schedule: str, total_steps: int, warmup: int = 0,
                         milestones: tuple[int, ...] = ()):
-    """A schedule stepped after every optimisation step, so it finishes whatever the epoch count."""
+    """A schedule stepped after every optimisation step, so it finishes whatever the epoch count.
+
+    The warm-up is clipped to a tenth of the run (:func:`clipped_warmup`)."""
+    warmup = clipped_warmup(warmup, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: step_schedule_factor(step, total_steps, schedule, warmup, tuple(milestones)),
