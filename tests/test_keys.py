@@ -80,3 +80,29 @@ def test_serve_refuses_a_state_file_written_under_another_secret(tmp_path):
         "serve": {"port": 0, "api_keys": ["sk:10"], "secret_file": str(tmp_path / "other-secret")}})
     with pytest.raises(StoreError, match="another key secret"):
         serve(cfg, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("spec", ["K1:99999999999999999999999", "K1:1000000000001", "K1:0", "K1:5:6",
+                                  "K1:", "K1:-1", "K1:+5", "K1:٣", "K1: 5"])
+def test_a_quota_is_one_whole_number_from_1_to_10_to_the_12(spec):
+    """Before: a 23-digit quota ended in an OverflowError deep in the store, and K1:5:6 was read
+    as the key 'K1:5' with quota 6 without a word."""
+    with pytest.raises(KeySetupError, match=r"KEY or KEY:QUOTA, QUOTA a whole number from 1 to 1,000,000,000,000"):
+        parse_api_keys([spec])
+
+
+def test_the_largest_quota_and_a_key_without_one_are_kept():
+    assert parse_api_keys(["K1:1000000000000", "K2", "K3:1"]) == {"K1": 10**12, "K2": None, "K3": 1}
+
+
+@pytest.mark.parametrize("spec", ["K1:99999999999999999999999", "K1:5:6"])
+def test_serve_refuses_a_bad_quota_in_one_line_before_starting(spec, tmp_path):
+    from test_cli import assert_user_error, invoke
+
+    save_classifier(toy_model(), tmp_path / "teacher.pt", dataset="npz", image_size=28)
+    result = invoke("serve", "--checkpoint", tmp_path / "teacher.pt", "--out", tmp_path / "server",
+                    "--port", "0", "--api-key", spec)
+    assert_user_error(result, "each API key must be given as KEY or KEY:QUOTA")
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
+    assert spec not in result.output  # a key is never echoed
+    assert not (tmp_path / "server").exists()

@@ -20,6 +20,7 @@ import httpx
 
 from b2kd.blackbox import LocalBackend, TeacherUnavailable
 from b2kd.config import Config, ConfigError
+from b2kd.provider.keys import KEYS_ENV
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -101,6 +102,8 @@ class ServedTeacher:
 
     ``start`` launches and ``wait`` blocks until ``/v2/health/ready`` answers, so
     several servers can start side by side. Output goes to ``out/serve.log``.
+    ``api_keys`` reach the server through its environment (B2KD_SERVE_KEYS), never its
+    command line, which any user of the machine can read in ``ps``.
     """
 
     def __init__(self, checkpoint: str | Path, out: str | Path, response: str = "soft",
@@ -111,9 +114,10 @@ class ServedTeacher:
         self.url = f"http://127.0.0.1:{self.port}/v2/models/teacher"
         self.cmd = [sys.executable, "-m", "b2kd.cli", "serve", "--checkpoint", str(checkpoint),
                     "--host", "127.0.0.1", "--port", str(self.port), "--response", response,
-                    "--out", str(self.out), *[a for k in api_keys for a in ("--api-key", k)],
-                    *([f"threads={threads}"] if threads else []), *overrides]
+                    "--out", str(self.out), *([f"threads={threads}"] if threads else []), *overrides]
         self.env = {**os.environ, "COLUMNS": "200", **(env or {})}
+        if api_keys:  # beside any keys the environment already gives
+            self.env[KEYS_ENV] = " ".join([*api_keys, self.env.get(KEYS_ENV, "")]).strip()
         self.process: subprocess.Popen | None = None
 
     def start(self) -> Self:

@@ -29,20 +29,33 @@ class KeySetupError(ValueError):
     """A key, key file or secret that cannot be used; the message says why."""
 
 
+#: The largest quota a key may have: far above any real budget, and within SQLite's 64-bit integers.
+MAX_QUOTA = 10**12
+_FORM = f"each API key must be given as KEY or KEY:QUOTA, QUOTA a whole number from 1 to {MAX_QUOTA:,}"
+
+
+def parse_quota(text: str) -> int:
+    """A quota: ASCII digits only, 1 to MAX_QUOTA (a longer number is refused before int() reads it)."""
+    if not (text.isascii() and text.isdigit()) or len(text) > len(str(MAX_QUOTA)):
+        raise KeySetupError(_FORM)
+    quota = int(text)
+    if not 1 <= quota <= MAX_QUOTA:
+        raise KeySetupError(_FORM)
+    return quota
+
+
 def parse_api_keys(specs: list[str]) -> dict[str, int | None]:
-    """``KEY`` (no quota) or ``KEY:QUOTA`` each -> {key: quota}."""
+    """``KEY`` (no quota) or ``KEY:QUOTA`` each -> {key: quota}; one form only, so ``K:5:6`` (a key
+    with a colon, or a quota typed twice?) is refused rather than read one way without a word."""
     keys: dict[str, int | None] = {}
     for spec in specs:
-        key, sep, quota = spec.rpartition(":")
-        if not sep:
-            key, quota = spec, None
-        elif not quota.isdigit():
-            raise KeySetupError("each API key must be given as KEY or KEY:QUOTA, QUOTA a whole number")
+        key, sep, text = spec.partition(":")
+        quota = parse_quota(text) if sep else None
         if not key or any(c.isspace() for c in key):
             raise KeySetupError("an API key must be non-empty and without spaces")
-        if key in keys and keys[key] != (None if quota is None else int(quota)):
+        if key in keys and keys[key] != quota:
             raise KeySetupError("an API key is given twice with different quotas")
-        keys[key] = None if quota is None else int(quota)
+        keys[key] = quota
     return keys
 
 

@@ -87,6 +87,8 @@ class ServerSettings:
     replay_per_key: int = 10000  # answers kept for replay per key (the oldest go first)
     read_timeout_s: float = 30.0  # for a request's head (connections.py) and for its body
     max_connections: int = 1000  # open connections and requests in flight (503 beyond)
+    # connections one client address may hold (503 beyond); None: a quarter of max_connections
+    max_connections_per_address: int | None = None
     auth_failures: int = 10  # failed authentications an address may make at once (then 1 per second)
     auth_failure_rate: float = AUTH_FAILURE_RATE  # failed authentications per second regained after that
     # key -> the outputs it may read (a key not named reads them all): a gray-box provider may
@@ -334,6 +336,18 @@ def create_app(backend: LocalBackend, settings: ServerSettings | None = None) ->
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.store, app.state.metrics, app.state.settings = store, metrics, settings
     app.state.key_id = kid_of
+
+    def refused_by_server(reason: str, record: dict) -> None:
+        """A 503 of the connection limits, answered in front of the app (b2kd.provider.connections):
+        counted and logged like the app's own answers."""
+        try:  # bookkeeping never fails the server
+            metrics.refusals.labels(reason=reason).inc()
+            metrics.requests.labels(endpoint="unmatched", status="503").inc()
+            access.write({"time": round(time.time(), 3), "status": 503, **record})
+        except Exception:  # noqa: BLE001
+            metrics.log_failures.inc()
+
+    app.state.on_refused = refused_by_server
 
     @app.exception_handler(Refusal)
     async def _refused(request: Request, exc: Refusal) -> JSONResponse:
