@@ -44,6 +44,13 @@ def test_resuming_a_gan_made_with_another_discriminator_is_one_clear_error(toy_r
     before = latest.read_bytes()
     cfg.deprivatize.epochs = 2
     cfg.deprivatize.spectral_norm = True
+    from b2kd.config import ConfigError
+
+    # the run directory's config says so first (b2kd.run_dir) ...
+    with pytest.raises(ConfigError, match=r"deprivatize.spectral_norm: False -> True"):
+        run_deprivatize(cfg, out, log=lambda *a, **k: None)
+    assert latest.read_bytes() == before
+    (out / "config.yaml").unlink()  # ... and without one (an older run), the checkpoint does
     with pytest.raises(CheckpointError, match=r"cannot resume from .*gan_latest\.pt: its discriminator"):
         run_deprivatize(cfg, out, log=lambda *a, **k: None)
     assert latest.read_bytes() == before
