@@ -132,6 +132,10 @@ def test_out_that_is_a_file_or_under_one_is_one_line(toy, tmp_path):
     assert_user_error(invoke(*distill_args(toy, tmp_path / "a-file")), "is a file, not a directory")
     assert_user_error(invoke(*distill_args(toy, tmp_path / "a-file" / "run" / "deeper")),
                       f"cannot create --out {tmp_path / 'a-file' / 'run' / 'deeper'}: {tmp_path / 'a-file'} is a file")
+    for command in (["deprivatize", "--teacher", toy / "teacher.pt"], ["teacher", "train"], ["demo"],
+                    ["serve", "--checkpoint", toy / "teacher.pt", "--port", "0"]):
+        result = invoke(*command, "--config", toy / "toy.yaml", "--out", tmp_path / "a-file")
+        assert_user_error(result, "a-file is a file, not a directory")
     assert (tmp_path / "a-file").read_text() == "x"
 
 

@@ -23,6 +23,7 @@ from b2kd.checkpoint import CheckpointError, read
 from b2kd.config import Config
 from b2kd.export import export_run
 from b2kd.pipeline import run_deprivatize, run_distill, run_evaluate, run_teacher
+from b2kd.run_dir import check_writable
 from b2kd.serve import ServedTeacher
 from b2kd.teacher_train import trained_with
 
@@ -63,6 +64,7 @@ def _served_elsewhere(cfg: Config) -> dict[str, str]:
 
 def run_demo(cfg: Config, out: Path, console: Console) -> dict:
     """The demo; the teacher servers it starts are stopped when it ends, also on error."""
+    check_writable(out)  # before a server or a stage writes under it
     with ExitStack() as servers:
         return _run_stages(cfg, out, console, servers)
 
