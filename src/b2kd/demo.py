@@ -43,6 +43,9 @@ def _serve_locally(cfg: Config, out: Path, servers: ExitStack, log) -> dict[str,
     """Start ``b2kd serve`` per response kind (a provider's tiers) behind one fresh API key."""
     kinds = dict.fromkeys([cfg.deprivatize.response, *RESPONSES])
     cfg.teacher.api_key = secrets.token_urlsafe(16)
+    # every run serves the one local checkpoint (its SHA-256 is what the run directories record,
+    # b2kd.run_dir) on new ports: the ledgers' answers come from one teacher at whatever URL
+    cfg.teacher.allow_mixed_providers = True
     started = {k: ServedTeacher(cfg.teacher.checkpoint, out / "serve" / k.replace(":", "-"), k,
                                 api_keys=(cfg.teacher.api_key,), threads=cfg.threads).start() for k in kinds}
     for server in started.values():
