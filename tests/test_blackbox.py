@@ -53,7 +53,8 @@ def test_ledger_records_every_query_and_bytes(model, tmp_path):
     out = teacher.query(_images(10))
     assert out.shape == (10, 10)
     totals = teacher.ledger.totals()
-    assert totals == {"queries": 10, "bytes_sent": 7840, "bytes_received": 400}
+    assert totals == {"queries": 10, "bytes_sent": 7840, "bytes_received": 400, "refused_answers": 0,
+                      "refused_bytes": 0}
     hashes, imgs = teacher.ledger.images()
     assert len(hashes) == 10 and torch.equal(imgs, _images(10))
 

@@ -195,11 +195,14 @@ def test_distill_over_http_stops_at_the_quota_and_resumes_with_more(toy, tmp_pat
     server_dir, out = tmp_path / "server", tmp_path / "run"
     with ServedTeacher(toy / "teacher.pt", server_dir, "soft", api_keys=("k:150",)) as server:
         result = distill_over_http(toy, out, server.url)
-    assert_user_error(result, "quota", "128 of 150")
-    assert ledger_rows(out / "ledger.sqlite") == [("soft", "distill")] * 128  # paid answers kept
+        port = server.port  # the same provider (URL) again below: its answers are not mixed with another's
+    # the third request of 64 is refused at 128 of 150: it shrinks to the 22 left, spending the quota
+    assert_user_error(result, "quota", "128 of 150", "the last 22 queries it allowed were paid and kept")
+    assert ledger_rows(out / "ledger.sqlite") == [("soft", "distill")] * 150  # paid answers kept
+    assert server_used(server_dir, "k") == 150
     assert not (out / "checkpoints").exists()
 
-    with ServedTeacher(toy / "teacher.pt", server_dir, "soft", api_keys=("k:1000",)) as server:
+    with ServedTeacher(toy / "teacher.pt", server_dir, "soft", api_keys=("k:1000",), port=port) as server:
         result = distill_over_http(toy, out, server.url, "--teacher", toy / "teacher.pt")
     assert_ok(result)
     assert ledger_rows(out / "ledger.sqlite") == [("soft", "distill")] * 200

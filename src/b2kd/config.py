@@ -102,8 +102,16 @@ class TeacherConfig(_Section):
     max_wait_s: float = Field(
         60.0, gt=0, description="Longest single wait (Retry-After or backoff)")
     max_total_wait_s: float = Field(
-        600.0, gt=0,
+        120.0, gt=0,
         description="Longest time one request may take in all (attempts, waits, reads)")
+    max_response_mb: float | None = Field(
+        None, gt=0,
+        description="The largest answer taken, in MB (None: from the batch and the classes, with "
+                    "slack)")
+    allow_mixed_providers: bool = Field(
+        False,
+        description="Resume a run's ledger against another teacher (URL, model, version), mixing "
+                    "both teachers' answers")
     epochs: int = Field(3, description="Training epochs of the teacher")
     batch_size: int = Field(128, description="The teacher's training batch")
     lr: float = Field(0.05, description="The teacher's SGD learning rate (cosine schedule)")

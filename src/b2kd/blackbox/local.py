@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from b2kd.blackbox.base import BackendAnswer, BlackBoxError
+from b2kd.blackbox.base import BackendAnswer, BlackBoxError, Provider
 from b2kd.blackbox.responses import ResponseKind
 
 
@@ -19,6 +19,9 @@ class LocalBackend:
         self.num_classes = int(model.num_classes)
         self.image_shape = (int(model.in_channels), int(model.image_size), int(model.image_size))
         self.batch_size = batch_size
+        # every in-process checkpoint is one provider, 'local': the ledger tells its answers
+        # from a served teacher's, not one checkpoint's from another's
+        self.provider = Provider("local", response=str(self.kind))
         self.embedding_dim = None
         if self.kind.embedding:
             from b2kd.penultimate import output_linear

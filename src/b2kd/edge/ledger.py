@@ -11,6 +11,12 @@ holds invalid ones (written by an older b2kd, or edited) refuses to serve them:
 ``b2kd ledger clean RUN`` removes them, to be paid again. Queries of evaluation
 stages (``fidelity``: test images paid for to measure a served teacher) are
 counted apart: they spend no query budget and are not in :meth:`Ledger.totals`.
+
+Each answer names the provider that gave it (table ``providers``: URL, model name
+and version, response kind; NULL in rows written before providers were recorded),
+so a run can refuse to mix two teachers' answers. Answers that arrived and were
+refused (malformed, invalid, too large) are never stored as responses; table
+``refused`` keeps their count and bytes, so a report shows them beside what was paid.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Self
 import numpy as np
 import torch
 
-from b2kd.blackbox.base import BlackBoxError
+from b2kd.blackbox.base import BlackBoxError, Provider, Refused
 from b2kd.blackbox.responses import ResponseKind
 from b2kd.blackbox.validate import InvalidAnswer, embedding_problem, invalid_rows, problem
 from b2kd.sqlite_lock import while_locked
@@ -43,6 +49,24 @@ CREATE TABLE IF NOT EXISTS queries (
     created REAL NOT NULL,
     embedding BLOB,
     UNIQUE (hash, kind)
+);
+CREATE TABLE IF NOT EXISTS providers (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    url TEXT NOT NULL,
+    model TEXT NOT NULL,
+    version TEXT NOT NULL,
+    response TEXT NOT NULL,
+    UNIQUE (url, model, version, response)
+);
+CREATE TABLE IF NOT EXISTS refused (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    images INTEGER NOT NULL,
+    bytes_sent INTEGER NOT NULL,
+    bytes_received INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    provider INTEGER REFERENCES providers (id),
+    created REAL NOT NULL
 );
 """
 
@@ -78,10 +102,22 @@ class Ledger:
         while_locked(lambda: self._db.execute("PRAGMA journal_mode=WAL"))
         self._db.execute("PRAGMA synchronous=FULL")
         while_locked(lambda: self._db.executescript(SCHEMA))
+        self._add_column("embedding", "BLOB")  # a ledger written before gray-box answers existed
+        # written before providers were recorded: their answers' provider is unknown (NULL)
+        self._add_column("provider", "INTEGER REFERENCES providers (id)")
+
+    def _add_column(self, name: str, declaration: str) -> None:
+        """Migrate an older ledger: add a column to ``queries`` unless it is there (another
+        process opening the same file may have just added it)."""
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(queries)")}
-        if "embedding" not in columns:  # a ledger written before gray-box answers existed
+        if name in columns:
+            return
+        try:
             with self._db:
-                self._db.execute("ALTER TABLE queries ADD COLUMN embedding BLOB")
+                self._db.execute(f"ALTER TABLE queries ADD COLUMN {name} {declaration}")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):
+                raise
 
     def close(self) -> None:
         self._db.close()
@@ -195,10 +231,12 @@ class Ledger:
         bytes_received: list[int],
         stage: str,
         embeddings: torch.Tensor | None = None,
+        provider: Provider | None = None,
     ) -> None:
         """Store one paid batch in a single transaction (all rows or none); invalid answers never.
 
-        A ``+embedding`` kind's answers must come with their embeddings (N, D)."""
+        A ``+embedding`` kind's answers must come with their embeddings (N, D); ``provider`` is
+        who answered (None: unknown)."""
         why = problem(responses, kind)
         if why is None and ResponseKind.parse(kind).embedding:
             why = embedding_problem(embeddings, len(responses), None)
@@ -208,6 +246,7 @@ class Ledger:
         if ResponseKind.parse(kind).embedding:
             emb = embeddings.detach().float().cpu().numpy()
         now = time.time()
+        source = None if provider is None else self.provider_id(provider)
         shape = "x".join(str(d) for d in images.shape[1:])
         imgs = images.cpu().numpy()
         resp = responses.detach().float().cpu().numpy()
@@ -223,14 +262,51 @@ class Ledger:
                 stage,
                 now,
                 emb[i].tobytes() if emb is not None else None,
+                source,
             )
             for i, h in enumerate(hashes)
         ]
         with self._db:
             self._db.executemany(
                 "INSERT OR IGNORE INTO queries (hash, kind, bytes_sent, bytes_received, response,"
-                " image, shape, stage, created, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " image, shape, stage, created, embedding, provider)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
+            )
+
+    def provider_id(self, provider: Provider) -> int:
+        """The row id of a provider in table ``providers`` (added on first use)."""
+        key = (provider.url, provider.model, provider.version, provider.response)
+        with self._db:
+            self._db.execute("INSERT OR IGNORE INTO providers (url, model, version, response)"
+                             " VALUES (?, ?, ?, ?)", key)
+            (found,) = self._db.execute("SELECT id FROM providers WHERE url = ? AND model = ? AND"
+                                        " version = ? AND response = ?", key).fetchone()
+        return found
+
+    def providers(self) -> list[Provider]:
+        """Every provider whose answers the ledger holds (answers of unknown provider not included)."""
+        rows = self._db.execute("SELECT url, model, version, response FROM providers WHERE id IN"
+                                " (SELECT DISTINCT provider FROM queries) ORDER BY id").fetchall()
+        return [Provider(*row) for row in rows]
+
+    def other_providers(self, provider: Provider) -> list[Provider]:
+        """The providers, other than ``provider``'s teacher, whose answers the ledger holds: a run
+        that would train on them and on ``provider``'s would mix two teachers. Answers recorded
+        before providers were (NULL) are not counted: who gave them is unknown."""
+        return [p for p in self.providers() if not p.same_teacher(provider)]
+
+    def record_refused(self, refused: Refused, reason: str, stage: str,
+                       provider: Provider | None = None) -> None:
+        """Count an answer that arrived and was refused (its images and bytes, why, from whom);
+        the answer itself is not stored."""
+        source = None if provider is None else self.provider_id(provider)
+        with self._db:
+            self._db.execute(
+                "INSERT INTO refused (images, bytes_sent, bytes_received, reason, stage, provider, created)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (refused.images, refused.bytes_sent, refused.bytes_received, reason[:500], stage, source,
+                 time.time()),
             )
 
     def count(self, stage: str | None = None) -> int:
@@ -238,7 +314,9 @@ class Ledger:
         return self.totals(stage)["queries"]
 
     def totals(self, stage: str | None = None) -> dict[str, int]:
-        """Queries and bytes of one stage, or of every stage but the evaluation ones."""
+        """Queries and bytes of one stage, or of every stage but the evaluation ones; beside what
+        was paid, the answers received and refused (``refused_answers``: their images,
+        ``refused_bytes``: the bytes they came in)."""
         if stage:
             where, args = "WHERE stage = ?", [stage]
         else:
@@ -249,7 +327,11 @@ class Ledger:
             f" FROM queries {where}",
             args,
         ).fetchone()
-        return {"queries": q, "bytes_sent": sent, "bytes_received": recv}
+        refused, refused_bytes = self._db.execute(
+            f"SELECT COALESCE(SUM(images), 0), COALESCE(SUM(bytes_received), 0) FROM refused {where}", args,
+        ).fetchone()
+        return {"queries": q, "bytes_sent": sent, "bytes_received": recv,
+                "refused_answers": refused, "refused_bytes": refused_bytes}
 
     def sent_hashes(self) -> set[str]:
         return {h for (h,) in self._db.execute("SELECT hash FROM queries")}

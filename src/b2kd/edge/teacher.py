@@ -4,14 +4,47 @@ Wraps any backend with the ledger (every paid query recorded, repeated images
 served from the cache for free) and the budget (a query that would overspend
 is refused before anything is sent). Answers are recorded one backend request
 at a time, so an error in a later request loses nothing paid before it.
+
+When the server says how much of its quota is left (b2kd's 402 does), the last
+request shrinks to it, so a key's quota is spent to the last query. Answers
+refused on arrival are counted in the ledger, never stored; and a ledger
+holding answers from another provider is refused unless mixing is allowed.
 """
 
 from __future__ import annotations
 
 import torch
 
-from b2kd.blackbox.base import Backend, BudgetExceeded
+from b2kd.blackbox.base import Backend, BlackBoxError, BudgetExceeded, Provider, QuotaExceeded, Refused
+from b2kd.blackbox.validate import InvalidAnswer
 from b2kd.edge.ledger import Ledger, image_hashes
+
+
+class MixedProviders(BlackBoxError):
+    """The ledger holds answers from another provider than the one now queried."""
+
+
+def provider_of(backend: object) -> Provider | None:
+    """Who answers through ``backend`` (a wrapper such as the shared cache: its inner backend's)."""
+    for _ in range(8):  # wrappers keep the backend they wrap as .backend
+        found = getattr(backend, "provider", None)
+        if isinstance(found, Provider):
+            return found
+        backend = getattr(backend, "backend", None)
+        if backend is None:
+            return None
+    return None
+
+
+def refuse_mixed(ledger: Ledger, provider: Provider) -> None:
+    """A clear refusal when ``ledger`` holds answers from another teacher than ``provider``."""
+    others = ledger.other_providers(provider)
+    if others:
+        named = ", ".join(str(p) for p in others[:3]) + (" and more" if len(others) > 3 else "")
+        raise MixedProviders(
+            f"the ledger {ledger.path} holds answers from another provider ({named}) than the teacher"
+            f" now queried ({provider}); a run's answers come from one teacher: use a new --out, or set"
+            " teacher.allow_mixed_providers=true to mix them")
 
 
 class BlackBoxTeacher:
@@ -22,13 +55,21 @@ class BlackBoxTeacher:
         budget: int | None = None,
         stage: str = "distill",
         batch_size: int = 256,
+        allow_mixed_providers: bool | None = None,
     ):
+        """``allow_mixed_providers`` (teacher.allow_mixed_providers; None: as the backend's settings
+        say, else False) lets the ledger hold answers from another provider than ``backend``'s."""
         self.backend = backend
         self.ledger = ledger
         self.budget = budget
         self.stage = stage
         self.batch_size = batch_size
         self.cache_hits = 0
+        self.provider = provider_of(backend)
+        if allow_mixed_providers is None:
+            allow_mixed_providers = bool(getattr(backend, "allow_mixed_providers", False))
+        if self.provider is not None and not allow_mixed_providers:
+            refuse_mixed(ledger, self.provider)
 
     @property
     def kind(self):
@@ -87,19 +128,37 @@ class BlackBoxTeacher:
         for start in range(0, len(new_hashes), step):
             chunk = new_hashes[start : start + step]
             batch = images[[first_new[h] for h in chunk]].contiguous()
-            answer = self.backend.infer(batch)
-            self.ledger.record(
-                chunk,
-                batch,
-                answer.responses,
-                kind,
-                answer.bytes_sent,
-                answer.bytes_received,
-                self.stage,
-                answer.embeddings,
-            )
-            known.update(zip(chunk, answer.responses.float().cpu()))
+            self._pay(chunk, batch, kind, known)
         return torch.stack([known[h] for h in hashes])
+
+    def _pay(self, chunk: list[str], batch: torch.Tensor, kind: str, known: dict[str, torch.Tensor]) -> None:
+        """Pay for one request's images and record them; when the quota cannot pay for all of
+        them and the server says what is left, pay for that many first, then stop."""
+        try:
+            answer = self._infer(batch)
+        except QuotaExceeded as exc:
+            left = exc.remaining
+            if left is None or not 0 < left < len(chunk):
+                raise
+            self._pay(chunk[:left], batch[:left], kind, known)  # a smaller quota left: raised from here
+            raise QuotaExceeded(f"{exc} (the last {left} queries it allowed were paid and kept)", 0) from None
+        try:
+            self.ledger.record(chunk, batch, answer.responses, kind, answer.bytes_sent, answer.bytes_received,
+                               self.stage, answer.embeddings, self.provider)
+        except InvalidAnswer as exc:
+            spent = Refused(len(chunk), sum(answer.bytes_sent), sum(answer.bytes_received))
+            self.ledger.record_refused(spent, str(exc), self.stage, self.provider)
+            raise
+        known.update(zip(chunk, answer.responses.float().cpu()))
+
+    def _infer(self, batch: torch.Tensor):
+        """The backend's answer; one that arrived and was refused is counted in the ledger."""
+        try:
+            return self.backend.infer(batch)
+        except BlackBoxError as exc:
+            if exc.refused is not None:
+                self.ledger.record_refused(exc.refused, str(exc), self.stage, self.provider)
+            raise
 
     def embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """The teacher's embeddings (N, D) of images already paid with a ``+embedding`` kind;
