@@ -227,6 +227,23 @@ def run_distill(cfg: Config, out: str | Path, log=print) -> dict:
         return _distill_run(cfg, out, device, log)
 
 
+def _gan_inputs(cfg: Config, method, device: torch.device):
+    """(generator, discriminator) a distillation reads, each None when it reads none; loaded
+    before the first query, so a missing or truncated file is one line and nothing is paid."""
+    generator = discriminator = None
+    if method.source == "generator":
+        if not cfg.deprivatize.generator:
+            raise ConfigError("no generator given: pass --generator PATH (or set deprivatize.generator)")
+        generator, _ = _loads(load_generator, cfg.deprivatize.generator)
+        # frozen from here on: folded into fewer, equivalent layers (b2kd.models.fold; 2.3-2.6x faster)
+        generator = fast_layout(fold_frozen(generator).to(device))
+    if cfg.distill.balance_realism > 0:  # a generator method's balanced pool (checked before)
+        from b2kd.realism import load_discriminator
+
+        discriminator = _loads(load_discriminator, cfg.deprivatize.generator).to(device)
+    return generator, discriminator
+
+
 def _distill_run(cfg: Config, out: Path, device: torch.device, log) -> dict:
     from b2kd.distill import distill
 
@@ -245,18 +262,7 @@ def _distill_run(cfg: Config, out: Path, device: torch.device, log) -> dict:
     # a local-data method (KN, KD, ...) queries private images as they are and needs no generator
     on_device = d.local_unlabelled or (method.source == "generator" and d.anchor_share > 0) or d.coral_weight > 0
     private = edge_private_images(cfg) if method.source == "local" or on_device else None
-    generator = None
-    if method.source == "generator":
-        if not cfg.deprivatize.generator:
-            raise ConfigError("no generator given: pass --generator PATH (or set deprivatize.generator)")
-        generator, _ = _loads(load_generator, cfg.deprivatize.generator)
-        # frozen from here on: folded into fewer, equivalent layers (b2kd.models.fold; 2.3-2.6x faster)
-        generator = fast_layout(fold_frozen(generator).to(device))
-    discriminator = None
-    if d.balance_realism > 0:  # a generator method's balanced pool (checked above)
-        from b2kd.realism import load_discriminator
-
-        discriminator = _loads(load_discriminator, cfg.deprivatize.generator).to(device)
+    generator, discriminator = _gan_inputs(cfg, method, device)
     check_teacher_inputs(cfg, out)
     if warning := short_distillation(cfg):
         log(f"warning: {warning}")
