@@ -85,6 +85,12 @@ def test_a_malformed_yaml_config_is_one_line_with_file_line_and_column(tmp_path,
         assert_user_error(result, f"{path}{where} not valid YAML: {problem}")
         assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
     assert not (tmp_path / "run").exists()
+    (tmp_path / "run").mkdir()  # a run directory's config and a bench file are read the same way
+    (tmp_path / "run" / "config.yaml").write_text(text)
+    for args, shown in ((["evaluate", tmp_path / "run"], tmp_path / "run" / "config.yaml"), (["bench", path], path)):
+        result = invoke(*args)
+        assert_user_error(result, f"{shown}{where} not valid YAML")
+        assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
 
 
 # --- warm-up and short runs -----------------------------------------------------------------------

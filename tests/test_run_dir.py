@@ -87,7 +87,7 @@ def test_the_identical_command_and_settings_that_change_no_product_resume(toy, f
 
 
 def test_a_finished_run_rerun_with_a_larger_budget_pays_nothing(toy, finished):
-    out, before, rows = finished
+    out, _, rows = finished
     result = invoke(*distill_args(toy, out, "--budget", "500"))
     assert_user_error(result, "distill.budget: 200 -> 500")
     assert ledger_rows(out / "ledger.sqlite") == rows  # before: 300 more queries, never trained on

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-import yaml
 from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from b2kd.config import Config, ConfigError, load_config
+from b2kd.config import Config, load_config
+from b2kd.run_dir import check_yaml
 
 try:  # typer 0.24 and later carry their own copy of click
     from typer._click import exceptions as click_errors
@@ -130,22 +130,9 @@ def _other_rank() -> bool:
     return not distributed.is_main()
 
 
-def _check_yaml(path: Path) -> None:
-    """A malformed YAML file is one line naming the file, line and column (PyYAML's own message
-    takes 5 to 8 lines, with a copy of the line and a caret)."""
-    try:
-        yaml.safe_load(path.read_text())
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        raise ConfigError(f"{where}: not valid YAML: {exc.problem or exc.context}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-
-
 def _config(config: Path | None, options: dict, overrides: list[str] | None) -> Config:
     if config is not None and config.is_file():
-        _check_yaml(config)
+        check_yaml(config)
     return load_config(config, options, overrides)
 
 
@@ -401,6 +388,8 @@ def bench(
     from b2kd.bench import run_bench
     from b2kd.bench_report import render_report
 
+    if bench_file.is_file():
+        check_yaml(bench_file)
     if ray or ray_address:
         from b2kd.bench_ray import run_bench_ray
 

@@ -26,7 +26,7 @@ from b2kd.evaluate import evaluate, predict
 from b2kd.methods import get_method
 from b2kd.models.fold import fold_frozen
 from b2kd.progress import QueryProgress
-from b2kd.run_dir import (check_ledger, check_same_run, check_writable, fingerprints,
+from b2kd.run_dir import (check_ledger, check_same_run, check_writable, check_yaml, fingerprints,
                           nothing_left_if_refused, record_run)
 from b2kd.runtime import fast_layout, hardware, setup
 
@@ -145,6 +145,7 @@ def load_run_config(run_dir: Path) -> Config:
 
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a b2kd run directory (no config.yaml)")
+    check_yaml(run_dir / "config.yaml")
     return load_config(run_dir / "config.yaml")
 
 

@@ -149,6 +149,19 @@ def record_run(cfg: Config, out: Path, inputs: dict[str, dict[str, str]] | None 
         (out / INPUTS_FILE).write_text(json.dumps(inputs, indent=2) + "\n")
 
 
+def check_yaml(path: str | Path) -> None:
+    """A malformed YAML file is one line naming the file, line and column (PyYAML's own message
+    takes 5 to 8 lines, with a copy of the line and a caret)."""
+    try:
+        yaml.safe_load(Path(path).read_text())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+
+
 def check_writable(out: Path) -> None:
     """``--out`` is a directory this process can write in, or one it can create: else one line.
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from typing import ClassVar
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -60,7 +61,7 @@ class HeadTimeoutH11(H11Protocol):
     max_connections: int | None = None  # connections or requests in flight: 503 at this many
     per_address: int | None = None  # connections one client address may hold
     on_refused: Refused = staticmethod(_ignore)
-    open_by_address: dict[str, int] = {}  # per server: uvicorn_config gives each its own
+    open_by_address: ClassVar[dict[str, int]] = {}  # per server: uvicorn_config gives each its own
     _head_timer: asyncio.TimerHandle | None = None
     _address: str | None = None  # the client address this connection is counted under
     _full = False  # whether the server was at its limit when this request's head arrived
