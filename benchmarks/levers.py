@@ -1,4 +1,4 @@
-"""Issue 10's accuracy levers, one at a time, on the demo configuration (MNIST, CPU).
+"""The accuracy levers of the demo's recipe, one at a time, on the demo configuration (MNIST, CPU).
 
 One teacher; per seed, the demo's plain GAN; then MEKD students (soft and hard) with the
 distillation levers added cumulatively. Every figure that
@@ -7,7 +7,7 @@ set); test accuracy is printed beside it, never used to choose. Finished runs ar
 back. Example (about 50 CPU minutes on 2 cores):
 
     .venv/bin/python benchmarks/levers.py --out runs/levers --seeds 0 1 \
-        --csv docs/performance/levers.csv
+        --csv docs/research-notes/data/demo-levers.csv
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ OFF = ["distill.epochs=8", "distill.grad_clip=null", "distill.warmup_steps=0", "
        "distill.local_unlabelled=false", "distill.pool=random", "distill.unlabelled_threshold=0.95",
        "distill.balance_neighbours=0"]
 STABLE = ["distill.grad_clip=5", "distill.warmup_steps=50"]
-# every distillation lever of issue 10 (the shipped defaults but the pass count)
+# every distillation lever (the shipped defaults but the pass count)
 ALL = [*OFF, *STABLE, "distill.reuse_setup=true", "distill.local_unlabelled=true", "distill.pool=balanced"]
 # (name, GAN, distillation overrides): each row adds one lever to the row above it
 VARIANTS = [

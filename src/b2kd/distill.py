@@ -25,10 +25,9 @@ from b2kd.methods import get_method
 from b2kd.methods.base import Acquisition
 from b2kd.models import build_model
 from b2kd.runtime import fast_layout
+from b2kd.synthetic_gap import VAL_SLICE
 from b2kd.semisup import LocalUnlabelled
 
-
-VAL_SLICE = "val-slice.pt"  # the pool's held-out slice and the teacher's top-1 on it
 
 
 def device_terms(d, student: torch.nn.Module, private: torch.Tensor | None, anchor_targets, augment,
