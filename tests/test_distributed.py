@@ -116,8 +116,9 @@ def jobs(tmp_path_factory):
         torch.set_num_threads(threads)
     teacher = str(root / "teacher-one" / "teacher.pt")
 
-    # 2 x 64 queries fit in 'short', a third request does not; 'rest' holds exactly the other 72
-    keys = ("short:150", f"rest:{BUDGET - 128}", f"one:{BUDGET}")
+    # 'short' runs out within the third request of 64 (the client pays its last 22, what the 402
+    # says is left); 'rest' holds exactly the others
+    keys = ("short:150", f"rest:{BUDGET - 150}", f"one:{BUDGET}")
     with ServedTeacher(teacher, out["server_dir"], "soft", api_keys=keys) as server:
         def job(key: str) -> list[str]:
             return [*LAUNCH, "distill", "--config", str(root / "toy.yaml"), "--teacher", teacher,
@@ -179,8 +180,8 @@ def test_kill_9_of_one_rank_mid_training_then_the_same_command_finishes_paying_n
     assert [r["epoch"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == \
         list(range(EPOCHS))
     # every image charged exactly once over the three jobs (the quotas left no room for more)
-    assert _server_used(jobs["server_dir"], "short") == 128
-    assert _server_used(jobs["server_dir"], "rest") == BUDGET - 128
+    assert _server_used(jobs["server_dir"], "short") == 150
+    assert _server_used(jobs["server_dir"], "rest") == BUDGET - 150
     report = json.loads((run / "report.json").read_text())
     assert report["queries"] == BUDGET
 
@@ -190,7 +191,9 @@ def test_two_ranks_pay_the_same_ledger_and_train_the_same_student_as_one_process
     assert jobs["one_report"]["student_acc"] > 0.3  # the student learnt: accuracies can be compared
     rows_two, rows_one = _ledger(two / "ledger.sqlite"), _ledger(one / "ledger.sqlite")
     assert len(rows_two) == len(rows_one) == BUDGET  # each image once, within the budget
-    assert rows_two == rows_one  # same images, same answers, same bytes
+    # same images, same answers; the bytes of a row are its request's share, and the two-rank job's
+    # requests were cut differently by the quotas (a last request of 22), so bytes are not compared
+    assert [r[:2] + r[4:] for r in rows_two] == [r[:2] + r[4:] for r in rows_one]
     assert _server_used(jobs["server_dir"], "one") == BUDGET
     a, b = read(two / "checkpoints" / "latest.pt"), read(one / "checkpoints" / "latest.pt")
     assert a["state_dict"].keys() == b["state_dict"].keys()
