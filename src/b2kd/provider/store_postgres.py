@@ -1,6 +1,6 @@
 """The server's state in PostgreSQL, for several server hosts on one quota (``--store postgresql://...``).
 
-The logic is :class:`b2kd.provider.store.Store`'s; here only the connection:
+The logic is :class:`b2kd.provider.store_base.Store`'s; here only the connection:
 one per server process (psycopg 3), used by one thread at a time, reopened
 after it breaks. Each transaction of a key locks the key's row
 (``SELECT ... FOR UPDATE``), so charges are atomic across hosts; the schema is
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import ClassVar
 
-from b2kd.provider.store import Store, StoreError, StoreUnavailable
+from b2kd.provider.store_base import Store, StoreError, StoreUnavailable
 
 SCHEMA_LOCK = 0x62326B64  # "b2kd": serialises CREATE TABLE IF NOT EXISTS across processes
 
