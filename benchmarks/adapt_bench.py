@@ -11,7 +11,7 @@ private set. The device owner then labels K images of each of the digits 5-9, K 
   student's answers on the private images (``b2kd adapt``'s defaults);
 - ``graybox head`` and ``graybox head+finetune`` (``--graybox``): the same two, from a second
   MEKD student distilled from gray-box answers (``soft+embedding``: the teacher's penultimate
-  embedding matched by the student's features, b2kd.feature_match) with the same queries.
+  embedding matched by the student's features, b2kd.distill.feature_match) with the same queries.
   The teacher's embedding of the device's own labelled images is never asked for: that would
   send them.
 
@@ -48,15 +48,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from b2kd.adapt import adapt_run
-from b2kd.config import load_config
+from b2kd.deploy.adapt import adapt_run
+from b2kd.core.config import load_config
 from b2kd.data import load_dataset
 from b2kd.data.augment import random_crop
 from b2kd.data.labelled import choose_shots, read_labelled
-from b2kd.evaluate import accuracy, predict
+from b2kd.core.metrics import accuracy, predict
 from b2kd.models import build_model
 from b2kd.pipeline import run_deprivatize, run_distill, run_evaluate, run_teacher
-from b2kd.runtime import setup
+from b2kd.core.runtime import setup
 
 NEW = range(5, 10)  # the new task's digits; the teacher knows 0-4
 METHODS = ("scratch", "head", "head+finetune")

@@ -4,7 +4,7 @@
    (paid pool, cached G(t / tau_g), frozen G, one generator forward+backward)
    and the reference-equivalent step (fresh G(z) batch, teacher forward,
    G on the teacher's output and on the student's output, gradients kept on
-   G's parameters); see ``b2kd.reference_step``.
+   G's parameters); see ``b2kd.distill.reference_step``.
 2. The real ``b2kd distill`` pipeline for a few steps on the preset.
 
 Weights are random (throughput does not depend on them). Example:
@@ -26,16 +26,16 @@ from pathlib import Path
 import torch
 
 from b2kd.blackbox import ResponseKind
-from b2kd.checkpoint import save_classifier, save_generator
-from b2kd.config import load_config
-from b2kd.distill import train_step
-from b2kd.engine import make_optimizer
-from b2kd.methods.mekd import MEKD
+from b2kd.core.checkpoint import save_classifier, save_generator
+from b2kd.core.config import load_config
+from b2kd.distill.run import train_step
+from b2kd.core.engine import make_optimizer
+from b2kd.distill.methods.mekd import MEKD
 from b2kd.models import Generator, build_model
 from b2kd.pipeline import run_distill
-from b2kd.pool import synthesise
-from b2kd.reference_step import reference_step
-from b2kd.runtime import hardware
+from b2kd.pool.paid import synthesise
+from b2kd.distill.reference_step import reference_step
+from b2kd.core.runtime import hardware
 
 
 def compare_steps(cfg, steps: int, reps: int, device: torch.device, bf16: bool = False,

@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from b2kd.config import load_config
+from b2kd.core.config import load_config
 from b2kd.pipeline import run_deprivatize, run_distill, run_evaluate, run_teacher
 
 CONFIG = "configs/demo.yaml"

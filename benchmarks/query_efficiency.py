@@ -16,7 +16,7 @@ import json
 import statistics
 from pathlib import Path
 
-from b2kd.config import load_config
+from b2kd.core.config import load_config
 from b2kd.pipeline import run_distill, run_evaluate
 
 FIELDS = ["variant", "response", "budget", "seed", "student_acc", "student_acc_last", "dev_acc", "fidelity",

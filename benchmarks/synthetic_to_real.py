@@ -20,7 +20,7 @@ import statistics
 import time
 from pathlib import Path
 
-from b2kd.config import load_config
+from b2kd.core.config import load_config
 from b2kd.pipeline import edge_dev_set, run_deprivatize, run_distill, run_evaluate, run_teacher
 
 CONFIG = "configs/demo.yaml"
@@ -78,8 +78,8 @@ def gan(out: Path, name: str, seed: int, dataset: str, teacher_path: str, thread
 
 
 def dev_per_class(run: Path, cfg) -> list[float]:
-    from b2kd.evaluate import per_class_accuracy, predict
-    from b2kd.checkpoint import load_classifier
+    from b2kd.core.metrics import per_class_accuracy, predict
+    from b2kd.core.checkpoint import load_classifier
 
     images, labels = edge_dev_set(cfg)
     student, _ = load_classifier(run / "checkpoints" / "best.pt")

@@ -35,7 +35,7 @@ def toy_runs(tmp_path_factory):
     {"cfg": Config, "mekd": run dir, "kn": run dir, "generator": path, "npz": path}."""
     import numpy as np
 
-    from b2kd.config import Config
+    from b2kd.core.config import Config
     from b2kd.data import load_dataset
     from b2kd.pipeline import run_deprivatize, run_distill, run_teacher
 
@@ -86,7 +86,7 @@ LEARNING = {
 def learning_run(toy_runs, tmp_path_factory):
     """Teacher, generator and one soft MEKD run on the toy runs' tiny MNIST, evaluated:
     {"cfg": the run's Config, "run": run dir, "report": run_evaluate's result, "teacher": meta}."""
-    from b2kd.config import Config
+    from b2kd.core.config import Config
     from b2kd.pipeline import run_deprivatize, run_distill, run_evaluate, run_teacher
 
     threads = torch.get_num_threads()

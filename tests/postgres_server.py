@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from b2kd.serve import free_port
+from b2kd.provider.serve import free_port
 
 
 def postgres_bin() -> Path | None:

@@ -14,7 +14,7 @@ from b2kd.blackbox import LocalBackend
 from b2kd.provider.connections import uvicorn_config
 from b2kd.provider.server import ServerSettings, create_app
 from b2kd.models import build_model
-from b2kd.serve import listen
+from b2kd.provider.serve import listen
 
 
 def toy_model() -> torch.nn.Module:

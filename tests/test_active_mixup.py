@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from b2kd.edge import Ledger
-from b2kd.checkpoint import read
-from b2kd.methods.active_mixup import least_confident, mixup, mixup_pairs, round_sizes
+from b2kd.core.checkpoint import read
+from b2kd.distill.methods.active_mixup import least_confident, mixup, mixup_pairs, round_sizes
 from b2kd.pipeline import run_distill, run_teacher
 
 
@@ -104,7 +104,7 @@ class Interrupted(Exception):
 def test_am_interrupted_mid_round_resumes_to_the_same_pool_without_paying_twice(
     toy_cfg, tmp_path, monkeypatch
 ):
-    import b2kd.methods.active_mixup as am
+    import b2kd.distill.methods.active_mixup as am
 
     cfg = _config(toy_cfg, "soft")
     cfg.distill.epochs = 1

@@ -21,9 +21,9 @@ from PIL import Image
 from test_cli import assert_ok, assert_user_error, invoke, ledger_rows
 from toy import make_toy, toy_model
 
-from b2kd.checkpoint import load_classifier, read
+from b2kd.core.checkpoint import load_classifier, read
 from b2kd.data.labelled import LabelledSet, choose_shots
-from b2kd.evaluate import predict
+from b2kd.core.metrics import predict
 
 BANDS = ("top", "middle", "bottom")
 PER_CLASS = 8  # labelled images per class in the folder
@@ -162,7 +162,7 @@ def test_b2kd_export_turns_the_adapted_model_into_onnx_and_int8(adapted):
     assert exported["torch"]["fidelity"] is None  # the teacher knows no new class
     assert "paid pool" in exported["calibration"]  # generator images of the run, never private ones
     assert read(out / "pool.pt", "pool")["source"] == "generator"
-    from b2kd.predict import OnnxModel
+    from b2kd.deploy.predict import OnnxModel
 
     for name in ("student.onnx", "student.int8.onnx"):
         logits = OnnxModel(out / name).logits(bars(6, seed=4)[0])

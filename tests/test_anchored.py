@@ -4,10 +4,10 @@ values by hand, and a toy distillation that sends no private image and none unde
 import pytest
 import torch
 
-from b2kd.anchored_pool import AnchorLabels, anchor_targets, invert, nearest_l2, privacy_floor
-from b2kd.coral import coral
+from b2kd.pool.anchored import AnchorLabels, anchor_targets, invert, nearest_l2, privacy_floor
+from b2kd.distill.coral import coral
 from b2kd.models.gan import Generator
-from b2kd.pool import render
+from b2kd.pool.paid import render
 
 
 def test_coral_by_hand():
@@ -67,7 +67,7 @@ def test_anchor_labels_term_is_the_soft_cross_entropy():
 
 
 def test_anchored_distillation_sends_no_private_image_and_none_under_the_floor(toy_runs, tmp_path):
-    from b2kd.checkpoint import read
+    from b2kd.core.checkpoint import read
     from b2kd.edge import Ledger
     from b2kd.pipeline import edge_private_images, run_distill
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from b2kd.blackbox import ResponseKind
-from b2kd.config import DistillConfig
-from b2kd.losses import (
+from b2kd.core.config import DistillConfig
+from b2kd.distill.losses import (
     al_discriminator_loss,
     al_student_adversarial,
     dkd_loss,
@@ -15,7 +15,7 @@ from b2kd.losses import (
     kd_kl,
     logit_matching,
 )
-from b2kd.methods.al import AL
+from b2kd.distill.methods.al import AL
 
 
 @pytest.fixture(autouse=True)

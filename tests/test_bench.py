@@ -9,15 +9,15 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from b2kd.bench import load_bench, run_bench
-from b2kd.bench_report import render_report, summarise
+from b2kd.bench.run import load_bench, run_bench
+from b2kd.bench.report import render_report, summarise
 from b2kd.blackbox import LocalBackend
 from b2kd.edge import BlackBoxTeacher, Ledger
 from b2kd.edge.cache import SharedCache
 from b2kd.cli import app
-from b2kd.config import ConfigError, load_config
+from b2kd.core.config import ConfigError, load_config
 from b2kd.data.shift import CORRUPTIONS, corrupt, imbalance
-from b2kd.pool import sample_private
+from b2kd.pool.paid import sample_private
 
 BUDGETS = [40, 80]
 
@@ -107,7 +107,7 @@ def test_summary_is_mean_and_std_over_seeds():
 
 
 def test_white_box_methods_are_labelled(toy_runs):
-    from b2kd.bench_report import label
+    from b2kd.bench.report import label
 
     assert label({"method": "dafl", "white_box": True, "response": "soft"}) == "DAFL (white-box) soft"
     assert label({"method": "kn", "white_box": False, "response": "hard"}) == "KN hard"
@@ -235,7 +235,7 @@ def test_shifted_private_sets_through_the_config(toy_runs):
 
 
 def test_the_teacher_does_not_depend_on_the_listed_seeds_or_gaps(toy_runs, tmp_path):
-    from b2kd.bench import prepare_bench
+    from b2kd.bench.run import prepare_bench
 
     base = toy_runs["cfg"].model_dump(mode="json")
     base["teacher"]["checkpoint"] = None
@@ -284,8 +284,8 @@ def test_an_out_made_with_other_settings_is_refused_and_left_as_it_was(toy_bench
 
 
 def test_a_shared_gan_made_with_another_schedule_is_refused(toy_bench, toy_runs):
-    from b2kd.bench import gan_dir, prepare_bench
-    from b2kd.config import save_config
+    from b2kd.bench.run import gan_dir, prepare_bench
+    from b2kd.core.config import save_config
 
     bench = yaml.safe_load(toy_bench.read_text())
     bench["methods"], bench["budgets"], bench["seeds"] = [{"name": "mekd", "responses": ["soft"]}], [40], [0, 1]
@@ -310,7 +310,7 @@ def test_a_shared_gan_made_with_another_schedule_is_refused(toy_bench, toy_runs)
 
 
 def test_by_response_sets_one_responses_cells_only(toy_bench):
-    from b2kd.bench import cell_config
+    from b2kd.bench.run import cell_config
 
     bench = yaml.safe_load(toy_bench.read_text())
     bench["methods"] = [{"name": "mekd", "responses": ["soft", "hard"], "set": {"distill.lr": 0.03},

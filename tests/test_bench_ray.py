@@ -105,8 +105,8 @@ def _comparable(rows: list[dict]) -> list[dict]:
 
 
 def test_ray_bench_gives_the_sequential_rows_and_reads_finished_cells_back(local_ray, gap_bench, tmp_path):
-    from b2kd.bench import run_bench
-    from b2kd.bench_ray import run_bench_ray
+    from b2kd.bench.run import run_bench
+    from b2kd.bench.on_ray import run_bench_ray
 
     _, sequential = run_bench(gap_bench, tmp_path / "seq", log=lambda *_: None)
     lines: list[str] = []

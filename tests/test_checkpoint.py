@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from b2kd.checkpoint import (
+from b2kd.core.checkpoint import (
     CheckpointError,
     load_classifier,
     load_generator,

@@ -100,7 +100,7 @@ def test_the_warm_up_takes_at_most_a_tenth_of_the_run():
     """Budget 2,000 for one epoch is about 48 steps: a 50-step warm-up was the whole run."""
     import torch
 
-    from b2kd.engine import clipped_warmup, make_step_scheduler
+    from b2kd.core.engine import clipped_warmup, make_step_scheduler
 
     assert clipped_warmup(50, 48) == 4 and clipped_warmup(50, 1000) == 50 and clipped_warmup(50, 5) == 0
 
@@ -121,7 +121,7 @@ def test_the_warm_up_takes_at_most_a_tenth_of_the_run():
 
 
 def test_a_distillation_too_short_to_learn_is_warned_of_before_it_pays(toy, tmp_path):
-    from b2kd.config import Config
+    from b2kd.core.config import Config
     from b2kd.pipeline import short_distillation
 
     result = invoke("distill", "--config", toy / "toy.yaml", "--teacher", toy / "teacher.pt",
@@ -159,7 +159,7 @@ def test_the_demo_gives_its_servers_their_key_outside_the_command_line(toy, tmp_
     from pathlib import Path
 
     from b2kd import demo
-    from b2kd.config import Config
+    from b2kd.core.config import Config
 
     started = []
 

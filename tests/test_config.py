@@ -1,7 +1,7 @@
 import pytest
 import yaml
 
-from b2kd.config import ConfigError, load_config, parse_override, save_config
+from b2kd.core.config import ConfigError, load_config, parse_override, save_config
 
 
 def test_defaults_file_options_and_overrides_in_order(tmp_path):
@@ -68,7 +68,7 @@ def test_a_removed_option_asked_for_is_one_clear_error():
 
 
 def test_bench_reuse_sees_a_removed_option_that_was_set():
-    from b2kd.bench_reuse import differences
+    from b2kd.bench.reuse import differences
 
     now = load_config()
     stored = now.model_dump(mode="json")

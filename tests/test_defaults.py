@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from b2kd.config import Config, load_config
+from b2kd.core.config import Config, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -91,7 +91,7 @@ def test_the_reference_config_keeps_the_reference_recipe():
 
 def test_bench_baselines_do_not_train_on_the_private_images():
     """local_unlabelled defaults on for MEKD; a baseline of a bench file turns it off itself."""
-    from b2kd.bench import cell_config, load_bench
+    from b2kd.bench.run import cell_config, load_bench
 
     for path in sorted(CONFIGS.glob("bench-*.yaml")):
         bench, base = load_bench(path)

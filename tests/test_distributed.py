@@ -26,8 +26,8 @@ import pytest
 import torch
 import yaml
 
-from b2kd.checkpoint import read
-from b2kd.config import Config
+from b2kd.core.checkpoint import read
+from b2kd.core.config import Config
 from toy import PLAIN_DISTILL
 
 BUDGET, EPOCHS = 200, 12
@@ -100,7 +100,7 @@ def jobs(tmp_path_factory):
     """The teacher trained by 2 processes and by 1, then the distillation runs described in the
     module docstring; their directories, outputs and the server's."""
     from b2kd.pipeline import run_distill, run_evaluate, run_teacher
-    from b2kd.serve import ServedTeacher
+    from b2kd.provider.serve import ServedTeacher
 
     root = tmp_path_factory.mktemp("ddp")
     cfg = _teacher_config(root)
@@ -232,7 +232,7 @@ def test_two_process_teacher_training_equals_one_process(jobs):
 
 @pytest.mark.parametrize("batch", [32, 30, 7, 1])
 def test_the_ranks_parts_of_a_batch_cover_it_once_and_weight_to_its_mean_loss(monkeypatch, batch):
-    from b2kd import distributed
+    from b2kd.core import distributed
 
     world = 4
     idx = torch.arange(100, 100 + batch)
@@ -251,7 +251,7 @@ def test_the_ranks_parts_of_a_batch_cover_it_once_and_weight_to_its_mean_loss(mo
 
 
 def test_one_process_is_left_alone_and_the_lr_rules(monkeypatch):
-    from b2kd import distributed
+    from b2kd.core import distributed
 
     idx, images = torch.arange(5), torch.zeros(5, 1, 2, 2)
     assert distributed.my_part(idx, images) == (idx, images, 1.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from b2kd.checkpoint import read
+from b2kd.core.checkpoint import read
 
 
 def test_spectral_norm_and_d_lr_reach_the_trained_discriminator(toy_runs, tmp_path):
@@ -32,7 +32,7 @@ def test_resuming_a_gan_made_with_another_discriminator_is_one_clear_error(toy_r
     names the file (no load_state_dict traceback), and the checkpoint is left as it was."""
     import pytest
 
-    from b2kd.checkpoint import CheckpointError
+    from b2kd.core.checkpoint import CheckpointError
     from b2kd.pipeline import run_deprivatize
 
     cfg = toy_runs["cfg"].model_copy(deep=True)
@@ -44,9 +44,9 @@ def test_resuming_a_gan_made_with_another_discriminator_is_one_clear_error(toy_r
     before = latest.read_bytes()
     cfg.deprivatize.epochs = 2
     cfg.deprivatize.spectral_norm = True
-    from b2kd.config import ConfigError
+    from b2kd.core.config import ConfigError
 
-    # the run directory's config says so first (b2kd.run_dir) ...
+    # the run directory's config says so first (b2kd.core.run_dir) ...
     with pytest.raises(ConfigError, match=r"deprivatize.spectral_norm: False -> True"):
         run_deprivatize(cfg, out, log=lambda *a, **k: None)
     assert latest.read_bytes() == before

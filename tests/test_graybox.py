@@ -17,9 +17,9 @@ from b2kd.edge.client import HTTPTeacher
 from b2kd.edge.ledger import PoisonedLedger
 from b2kd.blackbox.protocol import EMBEDDING, Layout, ProtocolError
 from b2kd.blackbox.validate import InvalidAnswer, embedding_problem
-from b2kd.feature_match import FeatureMatch
-from b2kd.penultimate import Penultimate, embed
-from b2kd.serve import ServedTeacher
+from b2kd.distill.feature_match import FeatureMatch
+from b2kd.models.penultimate import Penultimate, embed
+from b2kd.provider.serve import ServedTeacher
 
 KEY, PLAIN = "sk-gray", "sk-plain"
 
@@ -255,7 +255,7 @@ def test_serve_embedding_cli_then_distill_with_feature_matching(toy, tmp_path):
 
 def test_engine_saves_and_restores_the_projection(tmp_path):
     """A resumed gray-box run continues with its trained projection, not a fresh one."""
-    from b2kd.engine import Engine, make_optimizer, make_step_scheduler
+    from b2kd.core.engine import Engine, make_optimizer, make_step_scheduler
 
     def engine(model, proj):
         opt = make_optimizer(model, 0.1, 0.9, 0.0)

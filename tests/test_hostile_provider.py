@@ -32,7 +32,7 @@ from toy import make_toy
 from b2kd.blackbox import BlackBoxError, QuotaExceeded, TeacherUnavailable
 from b2kd.blackbox.protocol import HEADER_LENGTH
 from b2kd.blackbox.validate import InvalidAnswer
-from b2kd.config import TeacherConfig
+from b2kd.core.config import TeacherConfig
 from b2kd.edge import BlackBoxTeacher, Ledger
 from b2kd.edge.client import HTTPTeacher, longest_wait_s
 from b2kd.edge.teacher import MixedProviders

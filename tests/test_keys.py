@@ -19,9 +19,9 @@ from b2kd.provider.keys import (
 )
 from b2kd.provider.server import ServerSettings, create_app
 from b2kd.provider.store import StoreError
-from b2kd.checkpoint import save_classifier
-from b2kd.config import Config
-from b2kd.serve import serve
+from b2kd.core.checkpoint import save_classifier
+from b2kd.core.config import Config
+from b2kd.provider.serve import serve
 
 
 def test_keys_come_from_the_command_line_a_file_and_the_environment(tmp_path):

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from b2kd.balanced_pool import class_quotas, neighbour_latents, pick, shortfall
+from b2kd.pool.balanced import class_quotas, neighbour_latents, pick, shortfall
 from b2kd.data.augment import StrongAugment, cutout
 from b2kd.data.splits import dev_split, edge_split
-from b2kd.engine import make_step_scheduler, step_schedule_factor
-from b2kd.semisup import consistency_loss
+from b2kd.core.engine import make_step_scheduler, step_schedule_factor
+from b2kd.distill.semisup import consistency_loss
 
 
 def test_cosine_factor_per_step_with_warmup():
@@ -87,7 +87,7 @@ def test_neighbour_latents_stay_around_their_parents():
 
 def test_latents_are_the_noise_behind_synthesise():
     from b2kd.models import Generator
-    from b2kd.pool import latents, render, synthesise
+    from b2kd.pool.paid import latents, render, synthesise
 
     torch.manual_seed(0)
     generator = Generator(10, 28, 1, (16, 8))
@@ -126,10 +126,10 @@ class _BlindStudent(torch.nn.Module):
 
 
 def _rare_class_pool(tmp_path, neighbours):
-    from b2kd.balanced_pool import balanced_pool
+    from b2kd.pool.balanced import balanced_pool
     from b2kd.blackbox import LocalBackend, top1
     from b2kd.edge import BlackBoxTeacher, Ledger
-    from b2kd.methods.base import Acquisition
+    from b2kd.distill.methods.base import Acquisition
 
     teacher = BlackBoxTeacher(LocalBackend(_BrightnessTeacher()), Ledger(tmp_path / "ledger.sqlite"), budget=2000)
     acq = Acquisition(teacher=teacher, budget=2000, seed=0, device=torch.device("cpu"), out=tmp_path,
@@ -174,7 +174,7 @@ def _distil(toy_runs, tmp_path, name, **distill):
 
 def test_local_unlabelled_never_sends_a_private_image(toy_runs, tmp_path):
     from b2kd.edge import Ledger
-    from b2kd.checkpoint import read
+    from b2kd.core.checkpoint import read
     from b2kd.pipeline import edge_private_images
 
     summary, cfg = _distil(toy_runs, tmp_path, "semi", local_unlabelled=True, unlabelled_threshold=0.0)
@@ -212,7 +212,7 @@ def read_gan_queries(toy_runs):
 
 def test_balanced_pool_spends_the_budget_once(toy_runs, tmp_path):
     from b2kd.edge import Ledger
-    from b2kd.checkpoint import read
+    from b2kd.core.checkpoint import read
 
     summary, cfg = _distil(toy_runs, tmp_path, "balanced", pool="balanced", balance_fit_steps=5)
     assert summary["queries"] == cfg.distill.budget == summary["pool_size"]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from b2kd.losses import (
+from b2kd.distill.losses import (
     gan_discriminator_loss,
     gan_generator_loss,
     generator_alignment,

@@ -2,7 +2,7 @@
 
 import torch
 
-from b2kd.mixup_pool import least_sure, mixtures
+from b2kd.pool.mixup import least_sure, mixtures
 
 
 def test_mixtures_are_convex_combinations_of_two_pool_images():

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from b2kd.checkpoint import CheckpointError, atomic_save, read
-from b2kd.engine import make_optimizer
+from b2kd.core.checkpoint import CheckpointError, atomic_save, read
+from b2kd.core.engine import make_optimizer
 
 
 def test_make_optimizer_builds_sgd_with_momentum():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from b2kd.edge import Ledger, image_hashes
-from b2kd.pool_labels import (
+from b2kd.pool.labels import (
     NOT_TEST_ACCURACY,
     markdown,
     paid_answers,
@@ -129,7 +129,7 @@ def test_report_of_a_tiny_run_holds_the_table(toy_runs, tmp_path):
 def test_without_matplotlib_the_report_says_so_and_nothing_fails(tmp_path, monkeypatch):
     import sys
 
-    from b2kd.report import write_report
+    from b2kd.evaluate.report import write_report
 
     images = torch.arange(4, dtype=torch.uint8).reshape(4, 1, 1, 1)
     hard = one_hot_rows([3, 1])

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from b2kd.checkpoint import CheckpointError, atomic_save, module_checkpoint, read
+from b2kd.core.checkpoint import CheckpointError, atomic_save, module_checkpoint, read
 from b2kd.models import Discriminator
-from b2kd.realism import drop_least_real, load_discriminator, realism
+from b2kd.pool.realism import drop_least_real, load_discriminator, realism
 
 
 def test_drop_least_real_by_hand():
@@ -70,7 +70,7 @@ def test_realism_filter_pays_for_images_d_rates_more_real(toy_runs, tmp_path):
 
 
 def test_realism_without_a_balanced_pool_is_refused(toy_runs, tmp_path):
-    from b2kd.config import ConfigError
+    from b2kd.core.config import ConfigError
     from b2kd.pipeline import run_distill
 
     cfg = toy_runs["cfg"].model_copy(deep=True)

@@ -10,7 +10,7 @@ import pytest
 from pydantic import BaseModel
 
 from b2kd import reference_docs
-from b2kd.config import REMOVED, Config
+from b2kd.core.config import REMOVED, Config
 
 REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "reference"
 
@@ -19,7 +19,7 @@ REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "reference"
 def test_committed_reference_pages_are_up_to_date(name):
     committed = (REFERENCE / name).read_text(encoding="utf-8") if (REFERENCE / name).is_file() else ""
     assert committed == reference_docs.pages()[name], (
-        f"docs/reference/{name} is out of date with src/b2kd/config.py and src/b2kd/cli.py:"
+        f"docs/reference/{name} is out of date with src/b2kd/core/config.py and src/b2kd/cli.py:"
         " run `python -m b2kd.reference_docs` and commit the result")
 
 

@@ -1,6 +1,6 @@
 """b2kd's MEKD step computes what the reference's equations compute.
 
-``b2kd.reference_step`` writes the reference's loss out with plain torch
+``b2kd.distill.reference_step`` writes the reference's loss out with plain torch
 operations (none of b2kd's loss or response code), so these tests check
 b2kd's formulas (centred targets, the generator alignment, tau^2 KL) as well
 as its caching of G(t / tau_g).
@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from b2kd.blackbox import ResponseKind
-from b2kd.config import DistillConfig
-from b2kd.methods.mekd import MEKD
+from b2kd.core.config import DistillConfig
+from b2kd.distill.methods.mekd import MEKD
 from b2kd.models import Generator, build_model
-from b2kd.reference_step import reference_loss, reference_step, reference_terms
+from b2kd.distill.reference_step import reference_loss, reference_step, reference_terms
 
 
 def _sharpen(model: torch.nn.Module, factor: float) -> torch.nn.Module:

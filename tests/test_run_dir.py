@@ -13,7 +13,7 @@ import torch
 from test_cli import assert_ok, assert_user_error, invoke, ledger_rows
 from toy import make_toy, toy_model
 
-from b2kd.checkpoint import save_generator
+from b2kd.core.checkpoint import save_generator
 from b2kd.models import Generator
 
 

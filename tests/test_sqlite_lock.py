@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from b2kd.sqlite_lock import while_locked
+from b2kd.core.sqlite_lock import while_locked
 
 
 def test_retries_a_lock_refusal_until_the_statement_runs():

@@ -27,8 +27,8 @@ from b2kd.provider.store import (
     StoreError,
     open_store,
 )
-from b2kd.checkpoint import save_classifier
-from b2kd.serve import ServedTeacher
+from b2kd.core.checkpoint import save_classifier
+from b2kd.provider.serve import ServedTeacher
 
 BACKENDS = ["sqlite", "postgresql"]
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from b2kd.synthetic_gap import markdown, per_class
+from b2kd.evaluate.synthetic_gap import markdown, per_class
 
 
 def test_per_class_by_hand():
@@ -27,7 +27,7 @@ def test_every_distillation_report_has_the_table(learning_run):
     report = learning_run["report"]
     table = report["synthetic_vs_real"]
     run = learning_run["run"]
-    from b2kd.checkpoint import read
+    from b2kd.core.checkpoint import read
 
     held = read(run / "val-slice.pt", "val_slice")
     assert sum(table["synthetic_n"]) == len(held["images"]) == report.get("val_size", len(held["images"]))

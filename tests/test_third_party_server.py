@@ -161,9 +161,9 @@ def test_distill_refuses_an_fp32_teacher_without_a_stated_preprocessing(kserve, 
 
 
 def test_evaluate_pays_for_teacher_accuracy_and_fidelity_apart_from_the_pool(kserve, toy, model, tmp_path):
-    from b2kd.checkpoint import load_classifier
+    from b2kd.core.checkpoint import load_classifier
     from b2kd.data import load_dataset
-    from b2kd.fidelity import sample
+    from b2kd.evaluate.fidelity import sample
 
     out = tmp_path / "run"
     distill = ["distill", "--config", toy / "toy.yaml", "--teacher-url", f"{kserve}/v2/models/logits",

@@ -3,11 +3,11 @@
 import torch
 
 from b2kd.blackbox import ResponseKind
-from b2kd.config import DistillConfig
-from b2kd.distill import train_step
-from b2kd.losses import kd_kl
-from b2kd.methods.kd import KD
-from b2kd.methods.knockoff import Knockoff
+from b2kd.core.config import DistillConfig
+from b2kd.distill.run import train_step
+from b2kd.distill.losses import kd_kl
+from b2kd.distill.methods.kd import KD
+from b2kd.distill.methods.knockoff import Knockoff
 
 
 def _setup():

@@ -13,8 +13,8 @@ import pytest
 from served import images, toy_model
 
 from b2kd.blackbox import LocalBackend
-from b2kd.checkpoint import save_classifier
-from b2kd.serve import ServedTeacher
+from b2kd.core.checkpoint import save_classifier
+from b2kd.provider.serve import ServedTeacher
 
 httpclient = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is a test extra")
 

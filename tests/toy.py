@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import yaml
 
-from b2kd.checkpoint import save_classifier, save_generator
+from b2kd.core.checkpoint import save_classifier, save_generator
 from b2kd.models import Generator, build_model
 
 # The toy runs test plumbing, not the recipe: a random pool, no warm-up or gradient cap, nothing

@@ -17,8 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from b2kd.config import Config, load_config
-from b2kd.run_dir import check_yaml
+from b2kd.core.config import Config, load_config
+from b2kd.core.run_dir import check_yaml
 
 try:  # typer 0.24 and later carry their own copy of click
     from typer._click import exceptions as click_errors
@@ -82,10 +82,10 @@ ApiKeyOpt = Annotated[str | None, typer.Option(
 
 def _user_errors():
     from b2kd.blackbox import BlackBoxError
-    from b2kd.checkpoint import CheckpointError
-    from b2kd.config import ConfigError
+    from b2kd.core.checkpoint import CheckpointError
+    from b2kd.core.config import ConfigError
     from b2kd.data import DataError
-    from b2kd.predict import ModelError
+    from b2kd.deploy.predict import ModelError
 
     return (BlackBoxError, CheckpointError, ConfigError, DataError, ModelError, ValueError,
             FileNotFoundError)
@@ -98,7 +98,7 @@ def friendly(fn):
     def wrapper(*args, **kwargs):
         try:
             result = fn(*args, **kwargs)
-            from b2kd import distributed
+            from b2kd.core import distributed
 
             distributed.finish()  # under torchrun: the ranks leave together
             return result
@@ -112,7 +112,7 @@ def friendly(fn):
             err.print(f"[red]error:[/] {escape(str(exc))}", markup=True, highlight=False)
             raise typer.Exit(2) from None
         except Exception as exc:  # under torchrun: another rank failed or stopped answering
-            from b2kd.distributed import peer_failure
+            from b2kd.core.distributed import peer_failure
 
             message = peer_failure(exc)
             if message is None or os.environ.get("B2KD_DEBUG"):
@@ -125,7 +125,7 @@ def friendly(fn):
 
 def _other_rank() -> bool:
     """Under torchrun, every rank but 0 ends quietly: rank 0 reports for the job."""
-    from b2kd import distributed
+    from b2kd.core import distributed
 
     return not distributed.is_main()
 
@@ -150,7 +150,7 @@ def _print_result(result: dict) -> None:
         f" | queries {result.get('queries', '-')} | private images sent"
         f" {result.get('private_images_sent', '-')}"
     )
-    from b2kd.pool_labels import thin_warning
+    from b2kd.pool.labels import thin_warning
 
     warning = thin_warning(result.get("pool_labels"))
     if warning:  # the end of `b2kd distill` and `b2kd evaluate`
@@ -260,7 +260,7 @@ def evaluate_cmd(
     if pay_fidelity is None:
         _print_result(run_evaluate(run_dir))
     else:
-        from b2kd.fidelity import evaluate_with_paid_fidelity
+        from b2kd.evaluate.fidelity import evaluate_with_paid_fidelity
 
         _print_result(evaluate_with_paid_fidelity(run_dir, pay_fidelity, api_key, log=console.print))
     console.print(f"report -> {run_dir / 'report.md'}")
@@ -295,7 +295,7 @@ def export_cmd(
     generator: Annotated[str | None, typer.Option(help="calibrate on fresh samples of this generator")] = None,
 ):
     """Export the best student to ONNX fp32 and INT8; measure parity, size, latency and accuracy."""
-    from b2kd.export import export_run
+    from b2kd.deploy.export import export_run
 
     result = export_run(run_dir, input_kind=input_kind, calibration=calibration, dynamic=dynamic,
                         threads=threads, generator=generator, log=console.print)
@@ -326,7 +326,7 @@ def adapt_cmd(
 ):
     """Learn a new task on the device from a distilled student: a new head, then fine-tuning that
     keeps the old task; no image is sent. Writes report.md/json and a model `b2kd export` reads."""
-    from b2kd.adapt import adapt_run, load_adapt_config
+    from b2kd.deploy.adapt import adapt_run, load_adapt_config
 
     names = None if classes is None else [c.strip() for c in classes.split(",") if c.strip()]
     cfg = load_adapt_config(run_dir, {"adapt.labelled": labelled, "adapt.shots": shots, "adapt.test": test,
@@ -350,7 +350,7 @@ def predict_cmd(
     threads: Annotated[int, typer.Option(help="onnxruntime threads")] = 1,
 ):
     """Classify an image, or every image in a folder, with an exported model: class and probability."""
-    from b2kd.predict import predict_files
+    from b2kd.deploy.predict import predict_files
 
     for p in predict_files(model, images, threads):
         console.print(f"{p.file}: class {p.label} (probability {p.probability:.3f})",
@@ -365,7 +365,7 @@ def audit_cmd(
     quantile: Annotated[float, typer.Option(help="threshold quantile of the held-out distances")] = 0.0,
 ):
     """Compare every image a run sent with the private images; near-copies, a PNG grid, a verdict."""
-    from b2kd.audit import audit_run
+    from b2kd.evaluate.audit import audit_run
 
     r = audit_run(run_dir, holdout=holdout, quantile=quantile)
     console.print(f"sent {r['queries']} images ({r['bytes_sent'] / 1e6:.2f} MB); near-copies of private"
@@ -385,13 +385,13 @@ def bench(
         help="with --ray: a running cluster, e.g. auto or ray://HEAD:10001")] = None,
 ):
     """Run a matrix of methods x responses x budgets x seeds (x gaps); finished cells are kept."""
-    from b2kd.bench import run_bench
-    from b2kd.bench_report import render_report
+    from b2kd.bench.run import run_bench
+    from b2kd.bench.report import render_report
 
     if bench_file.is_file():
         check_yaml(bench_file)
     if ray or ray_address:
-        from b2kd.bench_ray import run_bench_ray
+        from b2kd.bench.on_ray import run_bench_ray
 
         bench_dir, rows = run_bench_ray(bench_file, out, ray_address, log=console.print)
     else:
@@ -411,7 +411,7 @@ def report_cmd(
     out: Annotated[Path | None, typer.Option(help="where report.md and the plots go [BENCH_DIR]")] = None,
 ):
     """Render a bench's results: Markdown table (mean ± std over seeds) and accuracy plots."""
-    from b2kd.bench_report import render_report
+    from b2kd.bench.report import render_report
 
     console.print(f"report: {render_report(bench_dir, out)}")
 
@@ -444,7 +444,7 @@ def serve(
     overrides: Overrides = None,
 ):
     """Serve a teacher over the Open Inference Protocol (KServe v2) with API keys and quotas."""
-    from b2kd.serve import serve as run_server
+    from b2kd.provider.serve import serve as run_server
 
     cfg = _config(config, {"out": out, "teacher.checkpoint": checkpoint, "serve.host": host,
                            "serve.port": port, "serve.response": response, "serve.api_keys": api_key,

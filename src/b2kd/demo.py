@@ -18,14 +18,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from b2kd.audit import audit_run
-from b2kd.checkpoint import CheckpointError, read
-from b2kd.config import Config
-from b2kd.export import export_run
+from b2kd.evaluate.audit import audit_run
+from b2kd.core.checkpoint import CheckpointError, read
+from b2kd.core.config import Config
+from b2kd.deploy.export import export_run
 from b2kd.pipeline import run_deprivatize, run_distill, run_evaluate, run_teacher
-from b2kd.run_dir import check_writable
-from b2kd.serve import ServedTeacher
-from b2kd.teacher_train import trained_with
+from b2kd.core.run_dir import check_writable
+from b2kd.provider.serve import ServedTeacher
+from b2kd.teacher.train import trained_with
 
 RESPONSES = ("soft", "hard")
 
@@ -44,7 +44,7 @@ def _serve_locally(cfg: Config, out: Path, servers: ExitStack, log) -> dict[str,
     kinds = dict.fromkeys([cfg.deprivatize.response, *RESPONSES])
     cfg.teacher.api_key = secrets.token_urlsafe(16)
     # every run serves the one local checkpoint (its SHA-256 is what the run directories record,
-    # b2kd.run_dir) on new ports: the ledgers' answers come from one teacher at whatever URL
+    # b2kd.core.run_dir) on new ports: the ledgers' answers come from one teacher at whatever URL
     cfg.teacher.allow_mixed_providers = True
     started = {k: ServedTeacher(cfg.teacher.checkpoint, out / "serve" / k.replace(":", "-"), k,
                                 api_keys=(cfg.teacher.api_key,), threads=cfg.threads).start() for k in kinds}

@@ -14,21 +14,22 @@ from typing import Self
 
 import torch
 
-from b2kd import __version__, distributed
+from b2kd import __version__
+from b2kd.core import distributed
 from b2kd.blackbox import LocalBackend, ResponseKind
 from b2kd.edge import BlackBoxTeacher, Ledger
 from b2kd.edge.cache import SharedCache
-from b2kd.engine import short_run_warning
-from b2kd.checkpoint import CheckpointError, load_classifier, load_generator
-from b2kd.config import Config, ConfigError, save_config
+from b2kd.core.engine import short_run_warning
+from b2kd.core.checkpoint import CheckpointError, load_classifier, load_generator
+from b2kd.core.config import Config, ConfigError, save_config
 from b2kd.data import dev_split, edge_split, load_dataset, private_images
-from b2kd.evaluate import evaluate, predict
-from b2kd.methods import get_method
+from b2kd.core.metrics import evaluate, predict
+from b2kd.distill.methods import get_method
 from b2kd.models.fold import fold_frozen
-from b2kd.progress import QueryProgress
-from b2kd.run_dir import (check_ledger, check_same_run, check_writable, check_yaml, fingerprints,
+from b2kd.core.progress import QueryProgress
+from b2kd.core.run_dir import (check_ledger, check_same_run, check_writable, check_yaml, fingerprints,
                           nothing_left_if_refused, record_run)
-from b2kd.runtime import fast_layout, hardware, setup
+from b2kd.core.runtime import fast_layout, hardware, setup
 
 
 def prepare_run(cfg: Config, out: str | Path, stage: str | None = None) -> tuple[Path, torch.device]:
@@ -38,7 +39,7 @@ def prepare_run(cfg: Config, out: str | Path, stage: str | None = None) -> tuple
     :func:`start_run` records it just before its first query or epoch, so a refused run leaves
     no config.yaml describing a run it did not make. Without a stage (``b2kd serve``) the
     directory is created and the config recorded at once.
-    Under torchrun this process joins the job (b2kd.distributed) and only rank 0 writes.
+    Under torchrun this process joins the job (b2kd.core.distributed) and only rank 0 writes.
     """
     device = distributed.init(cfg.distributed, setup(cfg.seed, cfg.threads, cfg.device))
     out = Path(out)
@@ -51,7 +52,7 @@ def prepare_run(cfg: Config, out: str | Path, stage: str | None = None) -> tuple
 
 def start_run(cfg: Config, out: Path, stage: str, inputs: dict[str, str | None]) -> None:
     """The last check before a stage's first query or epoch: OUT holds no run made with other
-    settings or other input checkpoints (b2kd.run_dir); then rank 0 records this one."""
+    settings or other input checkpoints (b2kd.core.run_dir); then rank 0 records this one."""
     prints = fingerprints(inputs)
     check_same_run(cfg, out, stage, prints)
     if distributed.is_main():
@@ -81,7 +82,7 @@ def _quiet(*args, **kwargs) -> None:
 
 
 def short_distillation(cfg: Config) -> str | None:
-    """Before paying: a warning when the student would train too few steps to learn (b2kd.engine);
+    """Before paying: a warning when the student would train too few steps to learn (b2kd.core.engine);
     None for a long enough run, or one stopped early on purpose (distill.max_steps)."""
     d = cfg.distill
     if d.max_steps is not None:
@@ -141,7 +142,7 @@ def open_teacher(cfg: Config, run_dir: Path, response: str, budget: int | None, 
 
 def load_run_config(run_dir: Path) -> Config:
     """The resolved config a run directory was made with (a clear error when there is none)."""
-    from b2kd.config import load_config
+    from b2kd.core.config import load_config
 
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a b2kd run directory (no config.yaml)")
@@ -185,7 +186,7 @@ def edge_dev_set(cfg: Config):
 
 
 def run_teacher(cfg: Config, out: str | Path, log=print) -> dict:
-    from b2kd.teacher_train import train_teacher
+    from b2kd.teacher.train import train_teacher
 
     out, device = prepare_run(cfg, out, "teacher")
     with nothing_left_if_refused(out, distributed.is_main()):
@@ -197,7 +198,7 @@ def run_teacher(cfg: Config, out: str | Path, log=print) -> dict:
 
 
 def run_deprivatize(cfg: Config, out: str | Path, log=print) -> dict:
-    from b2kd.deprivatize import deprivatize
+    from b2kd.deprivatize.run import deprivatize
 
     out, device = prepare_run(cfg, out, "deprivatize")
     with nothing_left_if_refused(out, distributed.is_main()):
@@ -239,14 +240,14 @@ def _gan_inputs(cfg: Config, method, device: torch.device):
         # frozen from here on: folded into fewer, equivalent layers (b2kd.models.fold; 2.3-2.6x faster)
         generator = fast_layout(fold_frozen(generator).to(device))
     if cfg.distill.balance_realism > 0:  # a generator method's balanced pool (checked before)
-        from b2kd.realism import load_discriminator
+        from b2kd.pool.realism import load_discriminator
 
         discriminator = _loads(load_discriminator, cfg.deprivatize.generator).to(device)
     return generator, discriminator
 
 
 def _distill_run(cfg: Config, out: Path, device: torch.device, log) -> dict:
-    from b2kd.distill import distill
+    from b2kd.distill.run import distill
 
     d = cfg.distill
     method = get_method(d.method)
@@ -273,7 +274,7 @@ def _distill_run(cfg: Config, out: Path, device: torch.device, log) -> dict:
                                            d.budget)
     setup = None
     if generator is not None and d.reuse_setup and distributed.is_main():  # rank 0 makes the pool
-        from b2kd.pool import setup_answers
+        from b2kd.pool.paid import setup_answers
 
         gan_dir = Path(cfg.deprivatize.generator).parent
         gan_cfg = load_run_config(gan_dir) if (gan_dir / "config.yaml").is_file() else cfg
@@ -308,9 +309,9 @@ def _distill_run(cfg: Config, out: Path, device: torch.device, log) -> dict:
 
 def run_evaluate(run_dir: str | Path, cfg: Config | None = None) -> dict:
     """Test-set report of a distillation run: last and best-on-validation students."""
-    from b2kd import pool_labels
-    from b2kd.report import write_report
-    from b2kd.synthetic_gap import synthetic_vs_real
+    from b2kd.pool import labels as pool_labels
+    from b2kd.evaluate.report import write_report
+    from b2kd.evaluate.synthetic_gap import synthetic_vs_real
 
     run_dir = Path(run_dir)
     if cfg is None:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from b2kd.config import ANY, REMOVED, Config
+from b2kd.core.config import ANY, REMOVED, Config
 
 PAGES = ("config.md", "cli.md")
 _REGENERATE = "`python -m b2kd.reference_docs`"
@@ -89,7 +89,7 @@ def config_page() -> str:
     lines = [
         "# Configuration reference",
         "",
-        f"Generated from the pydantic models in `src/b2kd/config.py` by {_REGENERATE}; do not edit "
+        f"Generated from the pydantic models in `src/b2kd/core/config.py` by {_REGENERATE}; do not edit "
         "it by hand.",
         "",
         "Settings apply in this order: the defaults below, the YAML file (`--config`), the command's "

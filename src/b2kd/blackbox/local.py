@@ -24,7 +24,7 @@ class LocalBackend:
         self.provider = Provider("local", response=str(self.kind))
         self.embedding_dim = None
         if self.kind.embedding:
-            from b2kd.penultimate import output_linear
+            from b2kd.models.penultimate import output_linear
 
             self.embedding_dim = output_linear(model).in_features
 
@@ -35,7 +35,7 @@ class LocalBackend:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, kind: ResponseKind | str = "soft") -> LocalBackend:
-        from b2kd.checkpoint import load_classifier
+        from b2kd.core.checkpoint import load_classifier
 
         model, _ = load_classifier(path)
         return cls(model, kind)
@@ -47,7 +47,7 @@ class LocalBackend:
                 f"the teacher accepts uint8 images of shape (N, {', '.join(map(str, self.image_shape))}),"
                 f" got {tuple(images.shape)} {images.dtype}"
             )
-        from b2kd.penultimate import embed
+        from b2kd.models.penultimate import embed
 
         if self.kind.embedding:
             logits, features = embed(self._model, images, self.batch_size)

@@ -81,7 +81,7 @@ from b2kd.blackbox.protocol import (
 from b2kd.blackbox.validate import check, check_embeddings, softmax_of_logits
 
 if TYPE_CHECKING:
-    from b2kd.config import TeacherConfig
+    from b2kd.core.config import TeacherConfig
 
 log = logging.getLogger(__name__)
 

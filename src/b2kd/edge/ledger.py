@@ -33,7 +33,7 @@ import torch
 from b2kd.blackbox.base import BlackBoxError, Provider, Refused
 from b2kd.blackbox.responses import ResponseKind
 from b2kd.blackbox.validate import InvalidAnswer, embedding_problem, invalid_rows, problem
-from b2kd.sqlite_lock import while_locked
+from b2kd.core.sqlite_lock import while_locked
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS queries (

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from b2kd.sqlite_lock import while_locked
+from b2kd.core.sqlite_lock import while_locked
 from b2kd.provider.store_base import (
     ANONYMOUS,
     PURGE_EVERY_S,

@@ -1,0 +1,1 @@
+"""Bench grids: every cell a pipeline run (in one process or as Ray tasks), and their tables."""

@@ -1,0 +1,1 @@
+"""On the device: ONNX export and quantisation, prediction, adapting the student to a new task."""

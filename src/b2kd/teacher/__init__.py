@@ -1,0 +1,1 @@
+"""The cloud's side before any query: training the teacher (for the demo and the benches)."""
