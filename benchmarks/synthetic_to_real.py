@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from b2kd.core.config import load_config
-from b2kd.pipeline import edge_dev_set, run_deprivatize, run_distill, run_evaluate, run_teacher
+from b2kd.pipeline import run_deprivatize, run_distill, run_evaluate, run_teacher
+from b2kd.data.edge_sets import edge_dev_set
 
 CONFIG = "configs/demo.yaml"
 SN = ["deprivatize.spectral_norm=true", "deprivatize.d_lr=0.0008"]
@@ -79,7 +80,7 @@ def gan(out: Path, name: str, seed: int, dataset: str, teacher_path: str, thread
 
 def dev_per_class(run: Path, cfg) -> list[float]:
     from b2kd.core.metrics import per_class_accuracy, predict
-    from b2kd.core.checkpoint import load_classifier
+    from b2kd.models import load_classifier
 
     images, labels = edge_dev_set(cfg)
     student, _ = load_classifier(run / "checkpoints" / "best.pt")

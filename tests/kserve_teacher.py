@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
 
-from b2kd.core.checkpoint import load_classifier
+from b2kd.models import load_classifier
 
 
 class Served(Model):

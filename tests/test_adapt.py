@@ -21,7 +21,9 @@ from PIL import Image
 from test_cli import assert_ok, assert_user_error, invoke, ledger_rows
 from toy import make_toy, toy_model
 
-from b2kd.core.checkpoint import load_classifier, read
+from b2kd.core.checkpoint import read
+
+from b2kd.models import load_classifier
 from b2kd.data.labelled import LabelledSet, choose_shots
 from b2kd.core.metrics import predict
 

@@ -69,7 +69,8 @@ def test_anchor_labels_term_is_the_soft_cross_entropy():
 def test_anchored_distillation_sends_no_private_image_and_none_under_the_floor(toy_runs, tmp_path):
     from b2kd.core.checkpoint import read
     from b2kd.edge import Ledger
-    from b2kd.pipeline import edge_private_images, run_distill
+    from b2kd.pipeline import run_distill
+    from b2kd.data.edge_sets import edge_private_images
 
     cfg = toy_runs["cfg"].model_copy(deep=True)
     cfg.distill.anchor_share = 0.5

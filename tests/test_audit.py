@@ -111,7 +111,7 @@ def test_knockoff_pays_for_a_seeded_subset_of_the_private_images(toy_runs):
     from b2kd.edge import Ledger, image_hashes
     from b2kd.core.checkpoint import read
     from b2kd.core.config import load_config
-    from b2kd.pipeline import edge_private_images
+    from b2kd.data.edge_sets import edge_private_images
 
     run = toy_runs["kn"]
     assert load_config(run / "config.yaml").deprivatize.generator is None  # none was needed

@@ -218,7 +218,7 @@ def test_corruptions_are_seeded_uint8_and_each_changes_images():
 
 
 def test_shifted_private_sets_through_the_config(toy_runs):
-    from b2kd.pipeline import edge_private_images
+    from b2kd.data.edge_sets import edge_private_images
 
     cfg = toy_runs["cfg"].model_copy(deep=True)
     plain = edge_private_images(cfg)

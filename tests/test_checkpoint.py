@@ -1,15 +1,8 @@
 import pytest
 import torch
 
-from b2kd.core.checkpoint import (
-    CheckpointError,
-    load_classifier,
-    load_generator,
-    read,
-    save_classifier,
-    save_generator,
-)
-from b2kd.models import Generator, build_model
+from b2kd.core.checkpoint import CheckpointError, read, save_classifier, save_generator
+from b2kd.models import Generator, build_model, load_classifier, load_generator
 
 
 def test_classifier_round_trip_keeps_weights_and_meta(tmp_path):

@@ -95,7 +95,7 @@ def ledger_rows(path: Path) -> list[tuple[str, str]]:
 def predictions_on_test_split(checkpoint: Path, npz: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(top-1 of the checkpoint's model, true labels) on the tiny set's test split, recomputed
     here from the files, to check what the reports say."""
-    from b2kd.core.checkpoint import load_classifier
+    from b2kd.models import load_classifier
     from b2kd.data import load_dataset
     from b2kd.core.metrics import predict
 

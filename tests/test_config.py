@@ -68,7 +68,7 @@ def test_a_removed_option_asked_for_is_one_clear_error():
 
 
 def test_bench_reuse_sees_a_removed_option_that_was_set():
-    from b2kd.bench.reuse import differences
+    from b2kd.core.config_diff import differences
 
     now = load_config()
     stored = now.model_dump(mode="json")

@@ -9,7 +9,7 @@ import torch
 from b2kd.blackbox import BlackBoxError, LocalBackend, ResponseKind
 
 from b2kd.edge import BlackBoxTeacher, Ledger
-from b2kd.core.checkpoint import load_classifier
+from b2kd.models import load_classifier
 from b2kd.core.config import ConfigError, DistillConfig
 from b2kd.distill.methods import get_method
 from b2kd.distill.methods.base import Acquisition

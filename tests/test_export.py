@@ -22,7 +22,7 @@ from b2kd.cli import app
 from b2kd.core.config import ConfigError
 from b2kd.deploy.export import OPSET, calibration_images, export_onnx, export_run
 from b2kd.models import build_model
-from b2kd.pipeline import edge_private_images
+from b2kd.data.edge_sets import edge_private_images
 from b2kd.deploy.predict import OnnxModel
 
 PARITY_TOL = 1e-4

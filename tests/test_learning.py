@@ -14,7 +14,7 @@ import json
 
 import torch
 
-from b2kd.core.checkpoint import load_classifier
+from b2kd.models import load_classifier
 from b2kd.data import load_dataset
 from b2kd.core.metrics import predict
 

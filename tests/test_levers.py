@@ -175,7 +175,7 @@ def _distil(toy_runs, tmp_path, name, **distill):
 def test_local_unlabelled_never_sends_a_private_image(toy_runs, tmp_path):
     from b2kd.edge import Ledger
     from b2kd.core.checkpoint import read
-    from b2kd.pipeline import edge_private_images
+    from b2kd.data.edge_sets import edge_private_images
 
     summary, cfg = _distil(toy_runs, tmp_path, "semi", local_unlabelled=True, unlabelled_threshold=0.0)
     private = edge_private_images(cfg)

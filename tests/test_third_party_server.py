@@ -161,7 +161,7 @@ def test_distill_refuses_an_fp32_teacher_without_a_stated_preprocessing(kserve, 
 
 
 def test_evaluate_pays_for_teacher_accuracy_and_fidelity_apart_from_the_pool(kserve, toy, model, tmp_path):
-    from b2kd.core.checkpoint import load_classifier
+    from b2kd.models import load_classifier
     from b2kd.data import load_dataset
     from b2kd.evaluate.fidelity import sample
 

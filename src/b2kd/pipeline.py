@@ -14,49 +14,23 @@ from typing import Self
 
 import torch
 
-from b2kd import __version__
 from b2kd.core import distributed
-from b2kd.blackbox import LocalBackend, ResponseKind
-from b2kd.edge import BlackBoxTeacher, Ledger
-from b2kd.edge.cache import SharedCache
+from b2kd.core.checkpoint import CheckpointError
+from b2kd.core.config import Config, ConfigError
 from b2kd.core.engine import short_run_warning
-from b2kd.core.checkpoint import CheckpointError, load_classifier, load_generator
-from b2kd.core.config import Config, ConfigError, save_config
-from b2kd.data import dev_split, edge_split, load_dataset, private_images
-from b2kd.core.metrics import evaluate, predict
-from b2kd.distill.methods import get_method
-from b2kd.models.fold import fold_frozen
 from b2kd.core.progress import QueryProgress
-from b2kd.core.run_dir import (check_ledger, check_same_run, check_writable, check_yaml, fingerprints,
-                          nothing_left_if_refused, record_run)
-from b2kd.core.runtime import fast_layout, hardware, setup
+from b2kd.core.run_dir import check_ledger, load_run_config, nothing_left_if_refused
+from b2kd.core.runtime import fast_layout, prepare_run, start_run
+from b2kd.data.edge_sets import edge_dev_set, edge_private_images
+from b2kd.distill.methods import get_method
+from b2kd.edge.connect import open_teacher, teacher_checkpoint, teacher_on_rank0
+from b2kd.evaluate.run import run_evaluate
+from b2kd.models import load_classifier, load_generator
+from b2kd.models.fold import fold_frozen
 
-
-def prepare_run(cfg: Config, out: str | Path, stage: str | None = None) -> tuple[Path, torch.device]:
-    """Seed, set threads and device, and check that ``out`` can be written (one line if not).
-
-    A stage (teacher, deprivatize, distill) writes nothing yet: it checks what it needs, then
-    :func:`start_run` records it just before its first query or epoch, so a refused run leaves
-    no config.yaml describing a run it did not make. Without a stage (``b2kd serve``) the
-    directory is created and the config recorded at once.
-    Under torchrun this process joins the job (b2kd.core.distributed) and only rank 0 writes.
-    """
-    device = distributed.init(cfg.distributed, setup(cfg.seed, cfg.threads, cfg.device))
-    out = Path(out)
-    check_writable(out)
-    if stage is None and distributed.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    return out, device
-
-
-def start_run(cfg: Config, out: Path, stage: str, inputs: dict[str, str | None]) -> None:
-    """The last check before a stage's first query or epoch: OUT holds no run made with other
-    settings or other input checkpoints (b2kd.core.run_dir); then rank 0 records this one."""
-    prints = fingerprints(inputs)
-    check_same_run(cfg, out, stage, prints)
-    if distributed.is_main():
-        record_run(cfg, out, prints)
+#: What the CLI, the demo and the benches call (the helpers above them live in their stages).
+__all__ = ["edge_dev_set", "edge_private_images", "load_run_config", "prepare_run", "run_deprivatize",
+           "run_distill", "run_evaluate", "run_teacher", "short_distillation", "start_run"]
 
 
 def _loads(load, path: str | Path):
@@ -108,83 +82,6 @@ class _NoBar:
         pass
 
 
-def teacher_checkpoint(cfg: Config) -> Path:
-    if not cfg.teacher.checkpoint:
-        raise ConfigError("no teacher given: pass --teacher PATH (or set teacher.checkpoint)")
-    return Path(cfg.teacher.checkpoint)
-
-
-def open_teacher(cfg: Config, run_dir: Path, response: str, budget: int | None, stage: str) -> BlackBoxTeacher:
-    """The black-box teacher of one run: backend + this run's ledger + budget.
-
-    The backend is the served teacher at ``teacher.url`` when there is one (its
-    response kind is the server's, so it must be the one this stage asks for),
-    else the checkpoint run in-process.
-    """
-    kind = ResponseKind.parse(response)
-    if cfg.teacher.url:
-        from b2kd.edge.client import HTTPTeacher
-
-        backend = HTTPTeacher.from_config(cfg.teacher)
-        if backend.kind.embedding and backend.kind.base == kind:
-            backend.without_embedding()  # a gray-box server also answers plain probabilities
-        if backend.kind != kind:
-            backend.close()
-            raise ConfigError(f"the teacher at {backend.url} answers '{backend.kind}' responses but"
-                              f" {stage}.response is '{kind}'; ask for '{backend.kind}'")
-    else:
-        backend = LocalBackend.from_checkpoint(teacher_checkpoint(cfg), kind)
-    if cfg.teacher.shared_cache:
-        backend = SharedCache(backend, Ledger(cfg.teacher.shared_cache), stage)
-    return BlackBoxTeacher(backend, Ledger(run_dir / "ledger.sqlite"), budget=budget, stage=stage,
-                           allow_mixed_providers=cfg.teacher.allow_mixed_providers)
-
-
-def load_run_config(run_dir: Path) -> Config:
-    """The resolved config a run directory was made with (a clear error when there is none)."""
-    from b2kd.core.config import load_config
-
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a b2kd run directory (no config.yaml)")
-    check_yaml(run_dir / "config.yaml")
-    return load_config(run_dir / "config.yaml")
-
-
-def edge_private_images(cfg: Config) -> torch.Tensor:
-    """The edge's private local set (uint8, no labels), seeded by ``data.split_seed``.
-
-    With ``data.private_dataset`` it is that dataset's whole train split instead;
-    ``data.private_shift`` then draws it with a gap from the teacher's data.
-    """
-    from b2kd.data.shift import corrupt, imbalance
-
-    d = cfg.data
-    if d.private_dataset:
-        private = load_dataset(d.private_dataset, "train", d.private_root, d.image_size, d.channels)
-        images, labels = private.images, private.labels
-    else:
-        train = load_dataset(d.dataset, "train", d.root, d.image_size, d.channels)
-        split = edge_split(len(train), d.local_fraction, d.split_seed)
-        images, labels = private_images(train, split), train.labels[split.local_idx]
-    if d.private_shift == "imbalance":
-        images = images[imbalance(labels, d.shift_classes, d.shift_factor, d.split_seed)]
-    elif d.private_shift == "corrupt":
-        try:
-            images = corrupt(images, d.split_seed, tuple(d.corruptions))
-        except ValueError as error:
-            raise ConfigError(f"data.corruptions: {error}") from None
-    return images
-
-
-def edge_dev_set(cfg: Config):
-    """The labelled dev split (images, labels): training images outside the private set."""
-    d = cfg.data
-    train = load_dataset(d.dataset, "train", d.root, d.image_size, d.channels)
-    split = edge_split(len(train), d.local_fraction, d.split_seed)
-    idx = dev_split(len(train), split.local_idx, d.dev_size, d.split_seed)
-    return train.images[idx], train.labels[idx]
-
-
 def run_teacher(cfg: Config, out: str | Path, log=print) -> dict:
     from b2kd.teacher.train import train_teacher
 
@@ -205,7 +102,7 @@ def run_deprivatize(cfg: Config, out: str | Path, log=print) -> dict:
         check_teacher_inputs(cfg, out)
         private = edge_private_images(cfg)
         start_run(cfg, out, "deprivatize", {"teacher.checkpoint": cfg.teacher.checkpoint})
-        teacher = distributed.teacher_on_rank0(
+        teacher = teacher_on_rank0(
             lambda: open_teacher(cfg, out, cfg.deprivatize.response, cfg.deprivatize.max_queries, "deprivatize"),
             cfg.deprivatize.max_queries)
         start = time.perf_counter()
@@ -270,8 +167,7 @@ def _distill_run(cfg: Config, out: Path, device: torch.device, log) -> dict:
         log(f"warning: {warning}")
     start_run(cfg, out, "distill", {"teacher.checkpoint": cfg.teacher.checkpoint,
                                     "deprivatize.generator": None if generator is None else cfg.deprivatize.generator})
-    teacher = distributed.teacher_on_rank0(lambda: open_teacher(cfg, out, d.response, d.budget, "distill"),
-                                           d.budget)
+    teacher = teacher_on_rank0(lambda: open_teacher(cfg, out, d.response, d.budget, "distill"), d.budget)
     setup = None
     if generator is not None and d.reuse_setup and distributed.is_main():  # rank 0 makes the pool
         from b2kd.pool.paid import setup_answers
@@ -305,58 +201,3 @@ def _distill_run(cfg: Config, out: Path, device: torch.device, log) -> dict:
     if distributed.is_main():
         (out / "distill.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def run_evaluate(run_dir: str | Path, cfg: Config | None = None) -> dict:
-    """Test-set report of a distillation run: last and best-on-validation students."""
-    from b2kd.pool import labels as pool_labels
-    from b2kd.evaluate.report import write_report
-    from b2kd.evaluate.synthetic_gap import synthetic_vs_real
-
-    run_dir = Path(run_dir)
-    if cfg is None:
-        cfg = load_run_config(run_dir)
-    d = cfg.data
-    test = load_dataset(d.dataset, "test", d.root, d.image_size, d.channels)
-    teacher_pred = None  # fidelity needs a local copy of the teacher; a served teacher alone has none
-    if cfg.teacher.checkpoint or not cfg.teacher.url:
-        teacher, _ = load_classifier(teacher_checkpoint(cfg))
-        teacher_pred = predict(teacher, test.images)
-    result: dict = {
-        "run": str(run_dir),
-        "b2kd_version": __version__,
-        "hardware": hardware(),
-        "method": cfg.distill.method,
-        "response": cfg.distill.response,
-        "budget": cfg.distill.budget,
-        "teacher_acc": None if teacher_pred is None else float((teacher_pred == test.labels).float().mean()),
-    }
-    for name in ("latest", "best"):
-        path = run_dir / "checkpoints" / f"{name}.pt"
-        student, meta = load_classifier(path)
-        result[name] = {**evaluate(student, test.images, test.labels, test.num_classes, teacher_pred),
-                        "epoch": meta.get("epoch")}
-    if d.dev_size:
-        dev_images, dev_labels = edge_dev_set(cfg)
-        for name in ("latest", "best"):
-            student, _ = load_classifier(run_dir / "checkpoints" / f"{name}.pt")
-            result[name]["dev_acc"] = float((predict(student, dev_images) == dev_labels).float().mean())
-        result["dev_acc"] = result["best"]["dev_acc"]
-        best, _ = load_classifier(run_dir / "checkpoints" / "best.pt")
-        result["synthetic_vs_real"] = synthetic_vs_real(best, run_dir, dev_images, dev_labels, test.num_classes)
-    result["student_acc"] = result["best"]["acc"]
-    result["fidelity"] = result["best"].get("fidelity")
-    ledger_path = run_dir / "ledger.sqlite"
-    if ledger_path.is_file():
-        with Ledger(ledger_path) as ledger:
-            result.update(ledger.totals())
-            result["private_images_sent"] = ledger.private_images_sent(edge_private_images(cfg))
-    summary_path = run_dir / "distill.json"
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        result["train_img_per_s"] = summary.get("train_img_per_s")
-        result["best_epoch"] = summary.get("best_epoch")
-    result["pool_labels"] = pool_labels.run_summary(run_dir, cfg.distill.response,
-                                                    cfg.distill.thin_class_factor)
-    write_report(run_dir, result)
-    return result

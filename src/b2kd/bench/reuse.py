@@ -7,9 +7,10 @@ another learning rate), reusing them would mix old results into the new table wi
 a word. So before anything runs, every such directory's settings are compared with the
 ones the bench would use now, and any difference is one clear error naming the
 directory and the settings: nothing is deleted (paid answers stay in their ledgers).
+The comparison is :func:`b2kd.core.config_diff.differences`, the one a CLI run's directory gets.
 
-Not compared: paths that only say where things live (the shared cache, the generator
-file, the run's ``out``), the thread count and device, the network client's waits and
+Not compared (:data:`b2kd.core.config_diff.IGNORED`): paths that only say where things live
+(the shared cache, the generator file, the run's ``out``), the thread count and device, the network client's waits and
 retries, and the sections a bench cell never reads (serve, distributed, adapt). A key
 missing from the stored config is an option added to b2kd since that run: not a
 difference (new options default to the old behaviour). A stored option b2kd no longer has
@@ -19,55 +20,16 @@ difference (new options default to the old behaviour). A stored option b2kd no l
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from b2kd.core.config import ANY, REMOVED, ConfigError, Config
+from b2kd.core.config import ConfigError, Config
+from b2kd.core.config_diff import differences
 
-IGNORED = {
-    "threads", "device", "out", "teacher.shared_cache", "deprivatize.generator",
-    "teacher.timeout_s", "teacher.retries", "teacher.backoff_s", "teacher.max_wait_s",
-    "teacher.max_total_wait_s",
-}
-IGNORED_SECTIONS = ("serve.", "distributed.", "adapt.")
 # what shapes a shared GAN (the cell's own distill settings do not)
 GAN_KEYS = ("seed", "data.", "deprivatize.", "teacher.")
 # what shapes a teacher trained into OUT/teacher
 TEACHER_KEYS = ("seed", "data.", "teacher.")
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists are values."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def _compared(flat: dict[str, Any], keys: tuple[str, ...] | None,
-              ignore: frozenset[str] = frozenset()) -> dict[str, Any]:
-    return {k: v for k, v in flat.items()
-            if k not in IGNORED and k not in ignore and not k.startswith(IGNORED_SECTIONS)
-            and (keys is None or any(k == p or (p.endswith(".") and k.startswith(p)) for p in keys))}
-
-
-def differences(stored: dict, now: Config, keys: tuple[str, ...] | None = None,
-                ignore: frozenset[str] = frozenset()) -> list[str]:
-    """'key: then -> now' for each compared setting that differs (stored: a config.yaml tree).
-
-    ``keys``: only these keys and sections ('data.'); ``ignore``: keys not compared beside IGNORED
-    (b2kd.core.run_dir compares a CLI run's directory with these rules, per stage)."""
-    then = _compared(flatten(stored), keys, ignore)
-    current = _compared(flatten(now.model_dump(mode="json")), keys, ignore)
-    gone = [f"{k}: {then[k]!r} -> removed, always {REMOVED[k]!r}" for k in sorted(then)
-            if k in REMOVED and REMOVED[k] is not ANY and then[k] != REMOVED[k]]
-    return gone + [f"{k}: {then[k]!r} -> {current[k]!r}" for k in sorted(current)
-                   if k in then and then[k] != current[k]]
 
 
 def stored_config(run_dir: Path) -> dict | None:

@@ -35,7 +35,7 @@ class LocalBackend:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, kind: ResponseKind | str = "soft") -> LocalBackend:
-        from b2kd.core.checkpoint import load_classifier
+        from b2kd.models import load_classifier
 
         model, _ = load_classifier(path)
         return cls(model, kind)

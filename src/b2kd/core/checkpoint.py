@@ -3,7 +3,9 @@
 A checkpoint is a plain dict saved with ``torch.save``: ``kind``, ``config``
 (the model's build arguments), ``state_dict`` and ``meta`` (dataset, image
 size, normalisation, test accuracy, ...). Only plain types are stored, so
-loading uses ``weights_only=True`` and never unpickles code.
+loading uses ``weights_only=True`` and never unpickles code. Rebuilding a model from its
+checkpoint needs the architectures: :func:`b2kd.models.load_classifier` and
+:func:`b2kd.models.load_generator`.
 """
 
 from __future__ import annotations
@@ -78,27 +80,5 @@ def save_classifier(model: torch.nn.Module, path: str | Path, **meta: Any) -> No
     atomic_save(module_checkpoint("classifier", model, **meta), path)
 
 
-def load_classifier(path: str | Path) -> tuple[torch.nn.Module, dict]:
-    """Rebuild a classifier in eval mode; returns (model, meta)."""
-    from b2kd.models import build_model
-
-    ckpt = read(path, "classifier")
-    model = build_model(**ckpt["config"])
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
-    return model, ckpt["meta"]
-
-
 def save_generator(generator: torch.nn.Module, path: str | Path, **meta: Any) -> None:
     atomic_save(module_checkpoint("generator", generator, **meta), path)
-
-
-def load_generator(path: str | Path) -> tuple[torch.nn.Module, dict]:
-    """Rebuild a generator, frozen and in eval mode; returns (generator, meta)."""
-    from b2kd.models import Generator
-
-    ckpt = read(path, "generator")
-    gen = Generator(**ckpt["config"])
-    gen.load_state_dict(ckpt["state_dict"])
-    gen.eval().requires_grad_(False)
-    return gen, ckpt["meta"]

@@ -4,9 +4,9 @@
 (``--nnodes`` and a rendezvous endpoint spread them over machines). Each joins a
 ``torch.distributed`` process group (NCCL on GPUs, gloo on CPUs) and then:
 
-- rank 0 alone opens the teacher, owns the ledger and pays for the pool (with the run's
-  one budget and cache); the other ranks receive the images and answers from it by
-  broadcast and never send a query;
+- rank 0 alone opens the teacher (:func:`b2kd.edge.connect.teacher_on_rank0`), owns the
+  ledger and pays for the pool (with the run's one budget and cache); the other ranks
+  receive the images and answers from it by broadcast and never send a query;
 - every rank trains a ``DistributedDataParallel`` copy of the model on its part of each
   global batch: the epoch's seeded permutation is the same on every rank and rank ``r``
   of ``W`` takes positions ``r, r + W, ...`` of each batch of ``W x batch_size`` pool
@@ -131,7 +131,7 @@ def broadcast_tensor(tensor: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
-def _on_rank0(fn: Callable[[], Any], what: str, describe: Callable[[Any], Any]) -> tuple[Any, Any]:
+def on_rank0(fn: Callable[[], Any], what: str, describe: Callable[[Any], Any]) -> tuple[Any, Any]:
     """Run ``fn()`` on rank 0 alone; (its result on rank 0 / None elsewhere, ``describe(result)``
     on every rank). A failure on rank 0 is raised there and stops the others with a message."""
     result, failure = None, None
@@ -154,48 +154,8 @@ def from_rank0(fn: Callable[[], tuple[torch.Tensor, ...]], what: str = "paying f
     """``fn()`` run on rank 0 alone (it queries the teacher), its tensors given to every rank."""
     if world_size() == 1:
         return fn()
-    result, count = _on_rank0(fn, what, len)
+    result, count = on_rank0(fn, what, len)
     return tuple(broadcast_tensor(result[i] if is_main() else None) for i in range(count))
-
-
-class TeacherView:
-    """What the ranks other than 0 know of the teacher: its form, and no way to query it."""
-
-    def __init__(self, kind: str, num_classes: int, image_shape: tuple[int, int, int], budget: int | None):
-        from b2kd.blackbox import ResponseKind
-
-        self.kind = ResponseKind.parse(kind)
-        self.num_classes = num_classes
-        self.image_shape = tuple(image_shape)
-        self.budget = budget
-        self.ledger = _NoLedger()
-        self.spent = 0
-        self.remaining = budget
-
-    def query(self, images: torch.Tensor) -> torch.Tensor:
-        raise RuntimeError(f"rank {rank()} may not query the teacher: rank 0 pays for every query")
-
-
-class _NoLedger:
-    """A rank other than 0 pays nothing: its totals are zero; rank 0's ledger holds the run's."""
-
-    def totals(self, stage: str | None = None) -> dict[str, int]:
-        return {"queries": 0, "bytes_sent": 0, "bytes_received": 0}
-
-    def count(self, stage: str | None = None) -> int:
-        return 0
-
-    def close(self) -> None:
-        pass
-
-
-def teacher_on_rank0(open_teacher: Callable[[], Any], budget: int | None):
-    """The teacher on rank 0 (``open_teacher()``); a :class:`TeacherView` of it on the others."""
-    if world_size() == 1:
-        return open_teacher()
-    teacher, form = _on_rank0(open_teacher, "opening the teacher",
-                              lambda t: (str(t.kind), t.num_classes, t.image_shape))
-    return teacher if is_main() else TeacherView(*form, budget)
 
 
 def checkpoint_from_rank0(path) -> dict | None:

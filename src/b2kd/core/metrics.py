@@ -1,8 +1,7 @@
-"""Final reporting on the test set: accuracy, fidelity to the teacher, per-class accuracy.
+"""A classifier's top-1 predictions and its accuracy, fidelity and per-class accuracy.
 
-The test set is used here and nowhere else: no stage selects a model on it.
-Fidelity needs the teacher's labels on the test set; they come from the
-evaluator's own copy of the teacher (a checkpoint), not from paid queries.
+What the teacher's training reports on the test set and what the evaluate stage
+(:mod:`b2kd.evaluate.run`) reports for the students; no stage selects a model on the test set.
 """
 
 from __future__ import annotations

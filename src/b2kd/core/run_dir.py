@@ -8,11 +8,11 @@ run produces (another generator, method, response, lr, budget, pool, dataset, te
 mix two runs in one directory: a pool paid under one budget trained under another, answers of
 one teacher beside a student of another, a config.yaml describing a run it did not make. So
 before anything is paid or written, :func:`check_same_run` compares the stored settings with
-the new ones, by the rules :mod:`b2kd.bench.reuse` applies to bench cells, and refuses with one
+the new ones, by the rules :mod:`b2kd.core.config_diff` applies to bench cells too, and refuses with one
 line naming the keys that differ.
 
 Not compared: what does not change the product (threads, device, out, the network client's
-waits and retries, where a cache lives, the torchrun section: :data:`b2kd.bench.reuse.IGNORED`),
+waits and retries, where a cache lives, the torchrun section: :data:`b2kd.core.config_diff.IGNORED`),
 the keys a stage never reads (a distillation does not read the GAN's epochs), and a teacher's URL
 when both runs name a local copy of it (the copy's SHA-256 names the teacher; the demo serves it
 on a new port each time). A key the stored config lacks is an option added to b2kd since.
@@ -35,8 +35,8 @@ from pathlib import Path
 
 import yaml
 
-from b2kd.bench.reuse import differences, flatten
-from b2kd.core.config import Config, ConfigError, save_config
+from b2kd.core.config import Config, ConfigError, load_config, save_config
+from b2kd.core.config_diff import differences, flatten
 
 #: The teacher settings a stage that queries it depends on (not the ones that trained it).
 QUERY_TEACHER = ("teacher.url", "teacher.input_preset", "teacher.input_scale", "teacher.input_mean",
@@ -160,6 +160,14 @@ def check_yaml(path: str | Path) -> None:
         raise ConfigError(f"{where}: not valid YAML: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+
+
+def load_run_config(run_dir: Path) -> Config:
+    """The resolved config a run directory was made with (a clear error when there is none)."""
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a b2kd run directory (no config.yaml)")
+    check_yaml(run_dir / "config.yaml")
+    return load_config(run_dir / "config.yaml")
 
 
 def check_writable(out: Path) -> None:

@@ -1,11 +1,17 @@
-"""Process-wide settings a stage needs before it starts: seeds, threads, device."""
+"""Process-wide settings a stage needs before it starts: seeds, threads, device, the torchrun
+group (:func:`prepare_run`), and the last check before its first query (:func:`start_run`)."""
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from b2kd.core import distributed
+from b2kd.core.config import Config, save_config
+from b2kd.core.run_dir import check_same_run, check_writable, fingerprints, record_run
 
 
 def seed_everything(seed: int) -> None:
@@ -46,3 +52,30 @@ def fast_layout(module: torch.nn.Module) -> torch.nn.Module:
     ResNet8 training at 32 px 1.5x. State dicts load into either layout.
     """
     return module.to(memory_format=torch.channels_last)
+
+
+def prepare_run(cfg: Config, out: str | Path, stage: str | None = None) -> tuple[Path, torch.device]:
+    """Seed, set threads and device, and check that ``out`` can be written (one line if not).
+
+    A stage (teacher, deprivatize, distill) writes nothing yet: it checks what it needs, then
+    :func:`start_run` records it just before its first query or epoch, so a refused run leaves
+    no config.yaml describing a run it did not make. Without a stage (``b2kd serve``) the
+    directory is created and the config recorded at once.
+    Under torchrun this process joins the job (b2kd.core.distributed) and only rank 0 writes.
+    """
+    device = distributed.init(cfg.distributed, setup(cfg.seed, cfg.threads, cfg.device))
+    out = Path(out)
+    check_writable(out)
+    if stage is None and distributed.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    return out, device
+
+
+def start_run(cfg: Config, out: Path, stage: str, inputs: dict[str, str | None]) -> None:
+    """The last check before a stage's first query or epoch: OUT holds no run made with other
+    settings or other input checkpoints (b2kd.core.run_dir); then rank 0 records this one."""
+    prints = fingerprints(inputs)
+    check_same_run(cfg, out, stage, prints)
+    if distributed.is_main():
+        record_run(cfg, out, prints)

@@ -23,7 +23,7 @@ from b2kd.core.checkpoint import atomic_save, load_resumed, module_checkpoint, r
 from b2kd.core.config import DeprivatizeConfig
 from b2kd.core.engine import epoch_generator
 from b2kd.core.grid import save_grid
-from b2kd.distill.losses import gan_discriminator_loss, gan_generator_loss, information_maximisation
+from b2kd.deprivatize.losses import gan_discriminator_loss, gan_generator_loss, information_maximisation
 from b2kd.models import Discriminator, Generator, from_uint8, quantize_uint8
 
 

@@ -1,4 +1,5 @@
-"""Every loss b2kd trains with, in its standard form (spec sections 2 and 3).
+"""Every loss a student trains with, in its standard form (spec sections 2 and 3); the GAN's
+are :mod:`b2kd.deprivatize.losses` (AL's adversarial terms reuse them).
 
 Kept free of models and data so that each can be checked against numbers
 computed by hand.
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from b2kd.blackbox.responses import centre
+from b2kd.deprivatize.losses import gan_discriminator_loss, gan_generator_loss
 
 
 def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float) -> torch.Tensor:
@@ -70,29 +72,6 @@ def mekd_loss(
         match = kd_kl(centre(student_logits), teacher_logits, tau)
     total = align + beta * match
     return total, {"align": float(align.detach()), "match": float(match.detach())}
-
-
-def gan_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """Standard GAN discriminator loss: real -> 1, fake -> 0 (mean of the two BCEs)."""
-    real = F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
-    fake = F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
-    return 0.5 * (real + fake)
-
-
-def gan_generator_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    """Non-saturating generator loss: -mean log D(G(z))."""
-    return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
-
-
-def information_maximisation(fake_logits: torch.Tensor, confidence: torch.Tensor) -> torch.Tensor:
-    """L_IM = -(1/m) sum_i y_i log D(G(z_i)), with y_i the teacher's detached top probability.
-
-    ``fake_logits`` (m, 1) are D's logits on the queried samples; log D = -softplus(-logit).
-    Per sample, as the spec requires (the reference multiplied by the class index).
-    """
-    confidence = confidence.detach().reshape(-1).to(fake_logits.dtype)
-    log_d = -F.softplus(-fake_logits.reshape(-1))
-    return -(confidence * log_d).mean()
 
 
 # --- baselines (spec section 4) --------------------------------------------------------------

@@ -25,9 +25,11 @@ from b2kd.distill.methods import get_method
 from b2kd.distill.methods.base import Acquisition
 from b2kd.models import build_model
 from b2kd.core.runtime import fast_layout
-from b2kd.evaluate.synthetic_gap import VAL_SLICE
 from b2kd.distill.semisup import LocalUnlabelled
 
+#: The pool's held-out slice and the teacher's top-1 on it, as a run writes them (for
+#: b2kd.evaluate.synthetic_gap's synthetic-vs-real table).
+VAL_SLICE = "val-slice.pt"
 
 
 def device_terms(d, student: torch.nn.Module, private: torch.Tensor | None, anchor_targets, augment,

@@ -30,12 +30,13 @@ def sample(n: int, total: int, seed: int) -> torch.Tensor:
 
 def evaluate_with_paid_fidelity(run_dir: str | Path, n: int, api_key: str | None = None,
                                 log=print) -> dict:
-    """The run's report (b2kd.pipeline.run_evaluate), with teacher accuracy and fidelity from N paid
+    """The run's report (b2kd.evaluate.run.run_evaluate), with teacher accuracy and fidelity from N paid
     test images when the run has no local teacher checkpoint."""
     from b2kd.edge.client import HTTPTeacher
-    from b2kd.core.checkpoint import load_classifier
+    from b2kd.models import load_classifier
     from b2kd.data import load_dataset
-    from b2kd.pipeline import load_run_config, run_evaluate
+    from b2kd.core.run_dir import load_run_config
+    from b2kd.evaluate.run import run_evaluate
     from b2kd.pool.paid import pay
     from b2kd.evaluate.report import write_report
 

@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 
 from b2kd.core.metrics import predict
-
-VAL_SLICE = "val-slice.pt"  # written by b2kd.distill.run: the pool's held-out slice and the teacher's top-1
+from b2kd.distill.run import VAL_SLICE  # what distillation writes: the pool's held-out slice
 
 
 def per_class(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[list, list[int]]:

@@ -1,8 +1,9 @@
-"""Classifiers (each owning its input normalisation), the GAN, and the model registry."""
+"""Classifiers (each owning its input normalisation), the GAN, the model registry, and loading them."""
 
 # Importing the architecture modules registers them in ``MODELS``.
 from . import lenet, mobilenet, resnet, vgg  # noqa: F401
 from .gan import Discriminator, Generator, from_uint8, quantize_uint8, to_unit
+from .load import load_classifier, load_generator
 from .normalize import Classifier
 from .registry import MODELS, available_models, build_model, count_parameters, register
 
@@ -15,6 +16,8 @@ __all__ = [
     "build_model",
     "count_parameters",
     "from_uint8",
+    "load_classifier",
+    "load_generator",
     "quantize_uint8",
     "register",
     "to_unit",

@@ -52,7 +52,7 @@ def serve(cfg: Config, log=print) -> None:
     from b2kd.provider.keys import KeySetupError, load_secret, parse_key_outputs, server_keys
     from b2kd.provider.server import ServerSettings, create_app
     from b2kd.provider.store_postgres import redact
-    from b2kd.pipeline import prepare_run
+    from b2kd.core.runtime import prepare_run
 
     s = cfg.serve
     if not cfg.teacher.checkpoint:

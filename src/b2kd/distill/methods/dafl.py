@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from b2kd.blackbox import BlackBoxError
-from b2kd.core.checkpoint import load_generator, save_generator
+from b2kd.core.checkpoint import save_generator
 from b2kd.distill.methods.base import Acquisition, Method
-from b2kd.models import Generator, to_unit
+from b2kd.models import Generator, load_generator, to_unit
 from b2kd.pool.paid import load_or_draw, pay, synthesise
 from b2kd.core.runtime import fast_layout
 
