@@ -28,7 +28,7 @@ import torch
 from b2kd.blackbox import ResponseKind
 from b2kd.core.checkpoint import save_classifier, save_generator
 from b2kd.core.config import load_config
-from b2kd.distill.run import train_step
+from b2kd.distill.step import train_step
 from b2kd.core.engine import make_optimizer
 from b2kd.distill.methods.mekd import MEKD
 from b2kd.models import Generator, build_model

@@ -4,7 +4,7 @@ import torch
 
 from b2kd.blackbox import ResponseKind
 from b2kd.core.config import DistillConfig
-from b2kd.distill.run import train_step
+from b2kd.distill.step import train_step
 from b2kd.distill.losses import kd_kl
 from b2kd.distill.methods.kd import KD
 from b2kd.distill.methods.knockoff import Knockoff

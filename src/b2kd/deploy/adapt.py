@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +111,64 @@ def _out_config(cfg: Config, out: Path, task: Path) -> Config:
     return Config.model_validate(tree)
 
 
+@dataclass
+class NewTask:
+    """The new task's labelled images: all of them, the shots trained on, and the test set if any."""
+
+    labelled: str | Path
+    data: LabelledSet
+    train: LabelledSet
+    test: LabelledSet | None
+
+
+def _read_task(labelled: str | Path, shots: int, a, student: torch.nn.Module) -> NewTask:
+    """The labelled images and the seeded shots per class, checked against the student's input."""
+    c = student.config
+    data = read_labelled(labelled, a.classes)
+    check_shape(data, c["in_channels"], c["image_size"], f"the {student.arch} student")
+    train = choose_shots(data, shots, a.seed)
+    test = None
+    if a.test:
+        test = read_labelled(a.test, data.classes)
+        check_shape(test, c["in_channels"], c["image_size"], f"the {student.arch} student")
+    return NewTask(labelled, data, train, test)
+
+
+def _learn(student: torch.nn.Module, task: NewTask, private: torch.Tensor | None, cfg: Config,
+           device: torch.device, log) -> tuple[TwoHeads, dict, dict | None, dict | None]:
+    """The new head on the frozen body, then (with ``adapt.finetune_epochs``) the body fine-tuned
+    with the old head kept close to the student on the private images: (model, head, its test
+    scores, fine-tuning)."""
+    a = cfg.adapt
+    model = TwoHeads(student, len(task.data.classes), a.seed).to(device)
+    head = train_head(model, task.train.images, task.train.labels, a, device)
+    head_test = _scores(model.classifier("new"), task.test)
+    log(f"head ({a.head_epochs} epochs): train accuracy {100 * head['train_acc']:.1f}%"
+        + ("" if head_test is None else f", test {100 * head_test['acc']:.2f}%"))
+    tuned = None
+    if a.finetune_epochs:
+        tuned = finetune(model, student, task.train.images, task.train.labels, private, a,
+                         cfg.distill.crop_padding, device)
+        log(f"fine-tuning ({tuned['steps']} steps, keep weight {a.keep_weight}): mean new-task CE"
+            f" {tuned['mean_ce']:.4f}, mean keep KL {tuned['mean_keep_kl']:.4f}")
+    return model, head, head_test, tuned
+
+
+def _write_outputs(run_dir: Path, out: Path, cfg: Config, task: NewTask, new_model: torch.nn.Module,
+                   old_model: torch.nn.Module, arch: str, shots: int) -> str | None:
+    """OUT's checkpoints (new and old head), task.npz, calibration pool and config.yaml; returns
+    what the calibration pool holds (None without one)."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"role": "adapted", "source_run": str(run_dir), "arch": arch, "shots": shots,
+            "classes": task.data.classes, "seed": cfg.adapt.seed}
+    save_classifier(new_model, out / "checkpoints" / "best.pt", **meta, task="new")
+    save_classifier(old_model, out / "checkpoints" / "old.pt", **meta, task="old")
+    path = _write_task(out, task.train, task.test)
+    calibration = _write_calibration_pool(run_dir, out, cfg.seed)
+    save_config(_out_config(cfg, out, path), out / "config.yaml")
+    return calibration
+
+
 def adapt_run(run_dir: str | Path, labelled: str | Path, shots: int, out: str | Path | None = None,
               cfg: Config | None = None, log=print) -> dict:
     """Learn the new task in ``labelled`` from ``shots`` images per class; writes OUT (default RUN/adapt).
@@ -131,81 +190,71 @@ def adapt_run(run_dir: str | Path, labelled: str | Path, shots: int, out: str | 
 
     # every input is read and checked before anything trains
     student, _ = load_classifier(checkpoint)
-    c = student.config
-    data = read_labelled(labelled, a.classes)
-    check_shape(data, c["in_channels"], c["image_size"], f"the {student.arch} student")
-    train = choose_shots(data, shots, a.seed)
-    test = None
-    if a.test:
-        test = read_labelled(a.test, data.classes)
-        check_shape(test, c["in_channels"], c["image_size"], f"the {student.arch} student")
+    task = _read_task(labelled, shots, a, student)
     d = cfg.data
     old_test = load_dataset(d.dataset, "test", d.root, d.image_size, d.channels)
     private = edge_private_images(cfg) if a.finetune_epochs else None
-    log(f"new task: {len(data.classes)} classes ({', '.join(data.classes)}), {shots} shot(s) each"
-        f" of {len(data)} labelled images; {'no test set' if test is None else f'{len(test)} test images'}")
+    log(f"new task: {len(task.data.classes)} classes ({', '.join(task.data.classes)}), {shots} shot(s) each"
+        f" of {len(task.data)} labelled images;"
+        f" {'no test set' if task.test is None else f'{len(task.test)} test images'}")
 
     start = time.perf_counter()
     student = student.to(device).eval()
     before = predict(student, old_test.images)
-    model = TwoHeads(student, len(data.classes), a.seed).to(device)
-    head = train_head(model, train.images, train.labels, a, device)
-    head_test = _scores(model.classifier("new"), test)
-    log(f"head ({a.head_epochs} epochs): train accuracy {100 * head['train_acc']:.1f}%"
-        + ("" if head_test is None else f", test {100 * head_test['acc']:.2f}%"))
-    tuned = None
-    if a.finetune_epochs:
-        tuned = finetune(model, student, train.images, train.labels, private, a,
-                         cfg.distill.crop_padding, device)
-        log(f"fine-tuning ({tuned['steps']} steps, keep weight {a.keep_weight}): mean new-task CE"
-            f" {tuned['mean_ce']:.4f}, mean keep KL {tuned['mean_keep_kl']:.4f}")
+    model, head, head_test, tuned = _learn(student, task, private, cfg, device, log)
     new_model, old_model = model.classifier("new"), model.classifier("old")
     seconds = time.perf_counter() - start
 
-    final = _scores(new_model, test)
+    final = _scores(new_model, task.test)
     after = predict(old_model, old_test.images)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {"role": "adapted", "source_run": str(run_dir), "arch": student.arch, "shots": shots,
-            "classes": data.classes, "seed": a.seed}
-    save_classifier(new_model, out / "checkpoints" / "best.pt", **meta, task="new")
-    save_classifier(old_model, out / "checkpoints" / "old.pt", **meta, task="old")
-    task = _write_task(out, train, test)
-    calibration = _write_calibration_pool(run_dir, out, cfg.seed)
-    save_config(_out_config(cfg, out, task), out / "config.yaml")
-
-    before_acc, after_acc = accuracy(before, old_test.labels), accuracy(after, old_test.labels)
+    calibration = _write_outputs(run_dir, out, cfg, task, new_model, old_model, student.arch, shots)
     result = {
         "run": str(run_dir), "out": str(out), "b2kd_version": __version__, "hardware": hardware(),
         "student": student.arch, "features": model.new_head.in_features,
-        "labelled": str(labelled), "classes": data.classes, "shots": shots, "seed": a.seed,
-        "labelled_images": len(data), "train_images": len(train),
-        # nothing is sent: no teacher is opened, the run's ledger is not opened either
-        "queries": 0, "bytes_sent": 0, "bytes_received": 0, "private_images_sent": 0,
-        "head": {"epochs": a.head_epochs, "lr": a.lr, **head},
-        "finetune": tuned,
-        "new_task": {
-            "test": a.test, "test_images": None if test is None else len(test),
-            "chance": 1 / len(data.classes),
-            "head_acc": None if head_test is None else head_test["acc"],
-            "finetuned_acc": None if tuned is None or final is None else final["acc"],
-            "acc": None if final is None else final["acc"],
-            "per_class_acc": None if final is None else final["per_class_acc"],
-        },
-        "old_task": {
-            "dataset": d.dataset, "test_images": len(old_test), "classes": old_test.num_classes,
-            "before_acc": before_acc, "after_acc": after_acc, "forgetting": before_acc - after_acc,
-            "agreement": accuracy(after, before),  # top-1 of the old head after vs before
-        },
+        **_task_report(task, shots, a, head, head_test, tuned, final),
+        "old_task": _old_task_report(d.dataset, old_test, before, after),
         "checkpoints": {"new": "checkpoints/best.pt", "old": "checkpoints/old.pt"},
         "export": "`b2kd export OUT` exports checkpoints/best.pt: the body with the new head"
                   " (new-task logits); its accuracy is on task.npz's test split"
-                  + (" (the shots themselves: no test set was given)" if test is None else ""),
+                  + (" (the shots themselves: no test set was given)" if task.test is None else ""),
         "calibration": calibration,
         "seconds": seconds,
     }
     (out / "report.json").write_text(json.dumps(result, indent=2))
     (out / "report.md").write_text(markdown(result))
     return result
+
+
+def _task_report(task: NewTask, shots: int, a, head: dict, head_test: dict | None, tuned: dict | None,
+                 final: dict | None) -> dict:
+    """The report's part on the new task: what was learnt from, and how well."""
+    test = task.test
+    return {
+        "labelled": str(task.labelled), "classes": task.data.classes, "shots": shots, "seed": a.seed,
+        "labelled_images": len(task.data), "train_images": len(task.train),
+        # nothing is sent: no teacher is opened, the run's ledger is not opened either
+        "queries": 0, "bytes_sent": 0, "bytes_received": 0, "private_images_sent": 0,
+        "head": {"epochs": a.head_epochs, "lr": a.lr, **head},
+        "finetune": tuned,
+        "new_task": {
+            "test": a.test, "test_images": None if test is None else len(test),
+            "chance": 1 / len(task.data.classes),
+            "head_acc": None if head_test is None else head_test["acc"],
+            "finetuned_acc": None if tuned is None or final is None else final["acc"],
+            "acc": None if final is None else final["acc"],
+            "per_class_acc": None if final is None else final["per_class_acc"],
+        },
+    }
+
+
+def _old_task_report(dataset: str, old_test, before: torch.Tensor, after: torch.Tensor) -> dict:
+    """The report's part on the old task: its test accuracy before and after (the forgetting)."""
+    before_acc, after_acc = accuracy(before, old_test.labels), accuracy(after, old_test.labels)
+    return {
+        "dataset": dataset, "test_images": len(old_test), "classes": old_test.num_classes,
+        "before_acc": before_acc, "after_acc": after_acc, "forgetting": before_acc - after_acc,
+        "agreement": accuracy(after, before),  # top-1 of the old head after vs before
+    }
 
 
 def _pct(x: float | None) -> str:

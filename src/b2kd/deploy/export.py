@@ -208,6 +208,41 @@ def _teacher_predictions(cfg: Config, images: torch.Tensor) -> np.ndarray | None
     return predict(teacher, images).numpy()
 
 
+def _parity(student: torch.nn.Module, fp32: OnnxModel, images: torch.Tensor, log) -> tuple:
+    """(ONNX logits, PyTorch logits, how far apart they are) of the fp32 export on the test images."""
+    onnx_logits = fp32.logits(images.numpy())
+    with torch.no_grad():
+        torch_logits = torch.cat([student(b) for b in images.split(1024)]).numpy()
+    parity = {
+        "images": len(images),
+        "max_abs_logit_diff": float(np.abs(onnx_logits - torch_logits).max()),
+        "top1_agreement": float((onnx_logits.argmax(1) == torch_logits.argmax(1)).mean()),
+    }
+    log(
+        f"fp32 ONNX: max |logit diff| vs PyTorch {parity['max_abs_logit_diff']:.2e},"
+        f" top-1 agreement {100 * parity['top1_agreement']:.2f}% on {len(images)} test images"
+    )
+    return onnx_logits, torch_logits, parity
+
+
+def _measure(paths: dict[str, Path], fp32: OnnxModel, onnx_logits: np.ndarray, images: torch.Tensor,
+             labels: np.ndarray, teacher_pred: np.ndarray | None, threads: int) -> dict[str, dict]:
+    """Per exported file: its size, test scores, agreement with fp32 and latency."""
+    models: dict[str, dict] = {}
+    latency_images = images[:64].numpy()
+    for name, path in paths.items():
+        model = fp32 if name == "fp32" else OnnxModel(path, threads)
+        logits = onnx_logits if name == "fp32" else model.logits(images.numpy())
+        models[name] = {
+            "file": path.name,
+            "bytes": path.stat().st_size,
+            **_scores(logits, labels, teacher_pred),
+            "top1_agreement_with_fp32": float((logits.argmax(1) == onnx_logits.argmax(1)).mean()),
+            **measure_latency(model, latency_images),
+        }
+    return models
+
+
 def export_run(
     run_dir: str | Path,
     *,
@@ -242,18 +277,7 @@ def export_run(
     export_onnx(student, paths["fp32"], input_kind)
     export_seconds = time.perf_counter() - start
     fp32 = OnnxModel(paths["fp32"], threads)
-    onnx_logits = fp32.logits(test.images.numpy())
-    with torch.no_grad():
-        torch_logits = torch.cat([student(b) for b in test.images.split(1024)]).numpy()
-    parity = {
-        "images": len(labels),
-        "max_abs_logit_diff": float(np.abs(onnx_logits - torch_logits).max()),
-        "top1_agreement": float((onnx_logits.argmax(1) == torch_logits.argmax(1)).mean()),
-    }
-    log(
-        f"fp32 ONNX: max |logit diff| vs PyTorch {parity['max_abs_logit_diff']:.2e},"
-        f" top-1 agreement {100 * parity['top1_agreement']:.2f}% on {len(labels)} test images"
-    )
+    onnx_logits, torch_logits, parity = _parity(student, fp32, test.images, log)
 
     quantize_int8(paths["fp32"], paths["int8"], calib)
     if dynamic:
@@ -262,18 +286,7 @@ def export_run(
         paths.pop("int8_dynamic")
         (run_dir / FILES["int8_dynamic"]).unlink(missing_ok=True)
 
-    models: dict[str, dict] = {}
-    latency_images = test.images[:64].numpy()
-    for name, path in paths.items():
-        model = fp32 if name == "fp32" else OnnxModel(path, threads)
-        logits = onnx_logits if name == "fp32" else model.logits(test.images.numpy())
-        models[name] = {
-            "file": path.name,
-            "bytes": path.stat().st_size,
-            **_scores(logits, labels, teacher_pred),
-            "top1_agreement_with_fp32": float((logits.argmax(1) == onnx_logits.argmax(1)).mean()),
-            **measure_latency(model, latency_images),
-        }
+    models = _measure(paths, fp32, onnx_logits, test.images, labels, teacher_pred, threads)
     result = {
         "run": str(run_dir),
         "checkpoint": str(ckpt),

@@ -299,65 +299,144 @@ class ServedModel:
             self.stats.record(ok, time.perf_counter_ns() - start, n, replayed, phases if ok else None)
 
 
-def create_app(backend: LocalBackend, settings: ServerSettings | None = None) -> FastAPI:
-    """The FastAPI app serving ``backend`` under ``settings`` (see the module docstring)."""
-    settings = settings or ServerSettings()
-    secret = settings.secret or os.urandom(32)
+class Gate:
+    """Who may ask: API keys (401 without one), failed authentications per client address (429
+    once an address fails too often), and the metrics key for the operator's endpoints."""
 
-    def kid_of(key: str) -> str:
-        return key_id(key, secret)
+    def __init__(self, settings: ServerSettings, secret: bytes):
+        self.settings, self.secret = settings, secret
+        self.keys = {self.key_id(k) for k in settings.api_keys}
+        self.failures = RateLimiter(settings.auth_failure_rate, settings.auth_failures)
 
-    keys = {kid_of(k) for k in settings.api_keys}
-    store = open_store(settings.state, {kid_of(k): q for k, q in settings.api_keys.items()},
-                       secret_check=secret_check(secret),
-                       legacy_ids={legacy_key_id(k): kid_of(k) for k in settings.api_keys},
-                       ttl_s=settings.replay_ttl_s, per_key=settings.replay_per_key)
-    metrics = Metrics(store.usage, store.records)
-    name = settings.model_name
-    stats = InferenceStats(name, VERSION)
-    served = ServedModel(backend, settings, store, stats, on_refund=metrics.refunded.inc)
-    unknown_keys = set(settings.key_outputs) - set(settings.api_keys)
-    if unknown_keys:
-        raise KeySetupError(f"--key-outputs names {len(unknown_keys)} key(s) that are not among the API keys")
-    served.allowed = {kid_of(k): set(outs) for k, outs in settings.key_outputs.items()}
-    limiter = RateLimiter(settings.rate_limit, settings.burst)
-    failures = RateLimiter(settings.auth_failure_rate, settings.auth_failures)
-    max_body = settings.max_body_bytes or settings.max_batch * served.pixels * 4 + 65536
-    access = AccessLog(settings.access_log, on_failure=metrics.log_failures.inc)
+    def key_id(self, key: str) -> str:
+        return key_id(key, self.secret)
 
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI):
-        access.start()
-        yield
-        access.stop()
-        store.close()
+    @staticmethod
+    def bearer(request: Request) -> str | None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
-    app = FastAPI(title="b2kd teacher", version=__version__, lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.store, app.state.metrics, app.state.settings = store, metrics, settings
-    app.state.key_id = kid_of
+    def refuse(self, request: Request, message: str) -> None:
+        """401, counted against the client's address (429 once it fails too often)."""
+        self.failures.wait(request.client.host if request.client else "?")
+        raise Refusal(401, message, "auth", {"WWW-Authenticate": "Bearer"})
 
-    def refused_by_server(reason: str, record: dict) -> None:
+    def check_failures(self, request: Request) -> None:
+        address = request.client.host if request.client else "?"
+        wait = self.failures.wait(address, take=False)
+        if wait > 0:
+            raise Refusal(429, f"too many failed authentications from {address}; retry in {wait:.2f} s",
+                          "auth_rate", {"Retry-After": str(math.ceil(wait))})
+
+    def authenticate(self, request: Request) -> str:
+        """The key id of the request's API key (ANONYMOUS on a server without keys)."""
+        if not self.keys:
+            return ANONYMOUS
+        self.check_failures(request)
+        token = self.bearer(request)
+        if token is None:
+            self.refuse(request, "missing API key: send the header 'Authorization: Bearer KEY'")
+        kid = self.key_id(token)
+        if kid not in self.keys:
+            self.refuse(request, "unknown API key")
+        return kid
+
+    def operator(self, request: Request) -> None:
+        """The metrics key, when the server has one (for /metrics and the statistics)."""
+        if self.settings.metrics_key is None:
+            return
+        self.check_failures(request)
+        token = self.bearer(request)
+        if token is None or not hmac.compare_digest(token.encode(), self.settings.metrics_key.encode()):
+            self.refuse(request, "this endpoint needs the metrics key: 'Authorization: Bearer KEY'")
+
+
+@dataclass
+class ServerState:
+    """What the app's handlers share: the model, the store, the gate, the limits and the books."""
+
+    settings: ServerSettings
+    gate: Gate
+    store: Store
+    metrics: Metrics
+    stats: InferenceStats
+    served: ServedModel
+    limiter: RateLimiter
+    max_body: int
+    access: AccessLog
+
+    @classmethod
+    def open(cls, backend: LocalBackend, settings: ServerSettings) -> ServerState:
+        """Open the store (a wrong secret or URL ends here) and set up what the handlers read."""
+        gate = Gate(settings, settings.secret or os.urandom(32))
+        store = open_store(settings.state, {gate.key_id(k): q for k, q in settings.api_keys.items()},
+                           secret_check=secret_check(gate.secret),
+                           legacy_ids={legacy_key_id(k): gate.key_id(k) for k in settings.api_keys},
+                           ttl_s=settings.replay_ttl_s, per_key=settings.replay_per_key)
+        metrics = Metrics(store.usage, store.records)
+        stats = InferenceStats(settings.model_name, VERSION)
+        served = ServedModel(backend, settings, store, stats, on_refund=metrics.refunded.inc)
+        unknown_keys = set(settings.key_outputs) - set(settings.api_keys)
+        if unknown_keys:
+            raise KeySetupError(f"--key-outputs names {len(unknown_keys)} key(s) that are not among the API keys")
+        served.allowed = {gate.key_id(k): set(outs) for k, outs in settings.key_outputs.items()}
+        limiter = RateLimiter(settings.rate_limit, settings.burst)
+        max_body = settings.max_body_bytes or settings.max_batch * served.pixels * 4 + 65536
+        access = AccessLog(settings.access_log, on_failure=metrics.log_failures.inc)
+        return cls(settings, gate, store, metrics, stats, served, limiter, max_body, access)
+
+    def model_or_404(self, model: str, version: str = VERSION) -> None:
+        name = self.settings.model_name
+        if model != name or version != VERSION:
+            raise Refusal(404, f"unknown model '{model}' version '{version}'; this server has"
+                          f" '{name}' version '{VERSION}'", "unknown_model")
+
+    def refused_by_server(self, reason: str, record: dict) -> None:
         """A 503 of the connection limits, answered in front of the app (b2kd.provider.connections):
         counted and logged like the app's own answers."""
         try:  # bookkeeping never fails the server
-            metrics.refusals.labels(reason=reason).inc()
-            metrics.requests.labels(endpoint="unmatched", status="503").inc()
-            access.write({"time": round(time.time(), 3), "status": 503, **record})
+            self.metrics.refusals.labels(reason=reason).inc()
+            self.metrics.requests.labels(endpoint="unmatched", status="503").inc()
+            self.access.write({"time": round(time.time(), 3), "status": 503, **record})
         except Exception:  # noqa: BLE001
-            metrics.log_failures.inc()
+            self.metrics.log_failures.inc()
 
-    app.state.on_refused = refused_by_server
+
+def create_app(backend: LocalBackend, settings: ServerSettings | None = None) -> FastAPI:
+    """The FastAPI app serving ``backend`` under ``settings`` (see the module docstring)."""
+    p = ServerState.open(backend, settings or ServerSettings())
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        p.access.start()
+        yield
+        p.access.stop()
+        p.store.close()
+
+    app = FastAPI(title="b2kd teacher", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.store, app.state.metrics, app.state.settings = p.store, p.metrics, p.settings
+    app.state.key_id = p.gate.key_id
+    app.state.on_refused = p.refused_by_server
+    _add_error_handlers(app, p)
+    _add_request_log(app, p)
+    _add_metadata_routes(app, p)
+    _add_inference_route(app, p)
+    return app
+
+
+def _add_error_handlers(app: FastAPI, p: ServerState) -> None:
+    """Every refusal a 4xx (or 503, 500) with ``{"error": ...}``, counted by reason."""
 
     @app.exception_handler(Refusal)
     async def _refused(request: Request, exc: Refusal) -> JSONResponse:
-        metrics.refusals.labels(reason=exc.reason).inc()
+        p.metrics.refusals.labels(reason=exc.reason).inc()
         request.state.log["error"] = str(exc)
         return _error(exc.status, str(exc), exc.headers)
 
     @app.exception_handler(StoreUnavailable)
     async def _store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
-        metrics.refusals.labels(reason="store_unavailable").inc()
+        p.metrics.refusals.labels(reason="store_unavailable").inc()
         request.state.log["error"] = str(exc)
         return _error(503, "the quota store is unavailable; nothing was charged", {"Retry-After": "5"})
 
@@ -371,6 +450,10 @@ def create_app(backend: LocalBackend, settings: ServerSettings | None = None) ->
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
+
+def _add_request_log(app: FastAPI, p: ServerState) -> None:
+    """Every request: its head's size checked (431), then counted and written to the access log."""
+
     @app.middleware("http")
     async def _log(request: Request, call_next):
         start = time.perf_counter()
@@ -380,7 +463,7 @@ def create_app(backend: LocalBackend, settings: ServerSettings | None = None) ->
             head = len(request.scope.get("raw_path", b""))
             head += sum(len(k) + len(v) for k, v in request.scope["headers"])
             if head > MAX_HEAD_BYTES:
-                metrics.refusals.labels(reason="too_large").inc()
+                p.metrics.refusals.labels(reason="too_large").inc()
                 response = _error(431, f"request head of {head} bytes; at most {MAX_HEAD_BYTES}",
                                   {"Connection": "close"})
             else:
@@ -390,56 +473,18 @@ def create_app(backend: LocalBackend, settings: ServerSettings | None = None) ->
         finally:
             try:  # bookkeeping never fails a request
                 route = request.scope.get("route")
-                metrics.requests.labels(endpoint=getattr(route, "path", "unmatched"), status=str(status)).inc()
-                access.write({
+                p.metrics.requests.labels(endpoint=getattr(route, "path", "unmatched"), status=str(status)).inc()
+                p.access.write({
                     "time": round(time.time(), 3), "method": request.method, "path": request.url.path,
                     "status": status, "ms": round(1000 * (time.perf_counter() - start), 2),
                     "client": request.client.host if request.client else None, **request.state.log,
                 })
             except Exception:  # noqa: BLE001
-                metrics.log_failures.inc()
+                p.metrics.log_failures.inc()
 
-    def model_or_404(model: str, version: str = VERSION) -> None:
-        if model != name or version != VERSION:
-            raise Refusal(404, f"unknown model '{model}' version '{version}'; this server has"
-                          f" '{name}' version '{VERSION}'", "unknown_model")
 
-    def bearer(request: Request) -> str | None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
-
-    def refuse_auth(request: Request, message: str) -> None:
-        """401, counted against the client's address (429 once it fails too often)."""
-        failures.wait(request.client.host if request.client else "?")
-        raise Refusal(401, message, "auth", {"WWW-Authenticate": "Bearer"})
-
-    def check_failures(request: Request) -> None:
-        address = request.client.host if request.client else "?"
-        wait = failures.wait(address, take=False)
-        if wait > 0:
-            raise Refusal(429, f"too many failed authentications from {address}; retry in {wait:.2f} s",
-                          "auth_rate", {"Retry-After": str(math.ceil(wait))})
-
-    def authenticate(request: Request) -> str:
-        if not keys:
-            return ANONYMOUS
-        check_failures(request)
-        token = bearer(request)
-        if token is None:
-            refuse_auth(request, "missing API key: send the header 'Authorization: Bearer KEY'")
-        kid = kid_of(token)
-        if kid not in keys:
-            refuse_auth(request, "unknown API key")
-        return kid
-
-    def operator(request: Request) -> None:
-        """The metrics key, when the server has one (for /metrics and the statistics)."""
-        if settings.metrics_key is None:
-            return
-        check_failures(request)
-        token = bearer(request)
-        if token is None or not hmac.compare_digest(token.encode(), settings.metrics_key.encode()):
-            refuse_auth(request, "this endpoint needs the metrics key: 'Authorization: Bearer KEY'")
+def _add_metadata_routes(app: FastAPI, p: ServerState) -> None:
+    """Health, server and model metadata, Triton's model configuration and the statistics."""
 
     @app.get("/v2/health/live")
     async def live() -> dict:
@@ -456,55 +501,59 @@ def create_app(backend: LocalBackend, settings: ServerSettings | None = None) ->
 
     @app.get("/v2/models/stats")
     async def every_model_stats(request: Request) -> dict:
-        operator(request)
-        return {"model_stats": [stats.model_stats()]}
+        p.gate.operator(request)
+        return {"model_stats": [p.stats.model_stats()]}
 
     @app.get("/v2/models/{model}")
     @app.get("/v2/models/{model}/versions/{version}")
     async def model_metadata(model: str, version: str = VERSION) -> dict:
-        model_or_404(model, version)
-        return served.metadata()
+        p.model_or_404(model, version)
+        return p.served.metadata()
 
     @app.get("/v2/models/{model}/ready")
     @app.get("/v2/models/{model}/versions/{version}/ready")
     async def model_ready(model: str, version: str = VERSION) -> dict:
-        model_or_404(model, version)
-        return {"name": name, "ready": True}
+        p.model_or_404(model, version)
+        return {"name": p.settings.model_name, "ready": True}
 
     @app.get("/v2/models/{model}/config")
     @app.get("/v2/models/{model}/versions/{version}/config")
     async def model_config(model: str, version: str = VERSION) -> dict:
-        model_or_404(model, version)
-        return served.config()
+        p.model_or_404(model, version)
+        return p.served.config()
 
     @app.get("/v2/models/{model}/stats")
     @app.get("/v2/models/{model}/versions/{version}/stats")
     async def model_stats(request: Request, model: str, version: str = VERSION) -> dict:
-        operator(request)
-        model_or_404(model, version)
-        return {"model_stats": [stats.model_stats()]}
+        p.gate.operator(request)
+        p.model_or_404(model, version)
+        return {"model_stats": [p.stats.model_stats()]}
+
+
+def _add_inference_route(app: FastAPI, p: ServerState) -> None:
+    """``infer`` (model, key, rate, size checked in that order: the cheapest first) and /metrics."""
 
     @app.post("/v2/models/{model}/infer")
     @app.post("/v2/models/{model}/versions/{version}/infer")
     async def infer(request: Request, model: str, version: str = VERSION) -> Response:
         start = time.perf_counter()
-        model_or_404(model, version)
-        kid = authenticate(request)
+        p.model_or_404(model, version)
+        kid = p.gate.authenticate(request)
         request.state.log["key"] = kid
-        wait = limiter.wait(kid)
+        wait = p.limiter.wait(kid)
         if wait > 0:
-            raise Refusal(429, f"rate limit of {settings.rate_limit:g} requests/s exceeded;"
+            raise Refusal(429, f"rate limit of {p.settings.rate_limit:g} requests/s exceeded;"
                           f" retry in {wait:.2f} s", "rate_limit", {"Retry-After": str(math.ceil(wait))})
         try:
-            body, received = await read_body(request, max_body, settings.read_timeout_s)
+            body, received = await read_body(request, p.max_body, p.settings.read_timeout_s)
         except BodyError as exc:
             raise Refusal(exc.status, str(exc), exc.reason, {"Connection": "close"}) from None
-        metrics.request_bytes.inc(received)
+        p.metrics.request_bytes.inc(received)
         out, length, n, replayed = await run_in_threadpool(
-            served.answer, kid, body, request.headers.get(HEADER_LENGTH))
-        (metrics.replayed if replayed else metrics.queries).labels(key=kid).inc(n)
-        metrics.response_bytes.inc(len(out))
-        metrics.latency.observe(time.perf_counter() - start)
+            p.served.answer, kid, body, request.headers.get(HEADER_LENGTH))
+        (p.metrics.replayed if replayed else p.metrics.queries).labels(key=kid).inc(n)
+        p.metrics.response_bytes.inc(len(out))
+        p.metrics.latency.observe(time.perf_counter() - start)
         request.state.log.update(queries=n, replayed=replayed, bytes_in=received, bytes_out=len(out))
         if length is None:
             return Response(out, media_type="application/json")
@@ -512,7 +561,5 @@ def create_app(backend: LocalBackend, settings: ServerSettings | None = None) ->
 
     @app.get("/metrics")
     async def prometheus(request: Request) -> Response:
-        operator(request)
-        return Response(await run_in_threadpool(metrics.render), media_type=CONTENT_TYPE)
-
-    return app
+        p.gate.operator(request)
+        return Response(await run_in_threadpool(p.metrics.render), media_type=CONTENT_TYPE)
