@@ -48,15 +48,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from b2kd.deploy.adapt import adapt_run
 from b2kd.core.config import load_config
+from b2kd.core.metrics import accuracy, predict
+from b2kd.core.runtime import setup
 from b2kd.data import load_dataset
 from b2kd.data.augment import random_crop
 from b2kd.data.labelled import choose_shots, read_labelled
-from b2kd.core.metrics import accuracy, predict
+from b2kd.deploy.adapt import adapt_run
 from b2kd.models import build_model
 from b2kd.pipeline import run_deprivatize, run_distill, run_evaluate, run_teacher
-from b2kd.core.runtime import setup
 
 NEW = range(5, 10)  # the new task's digits; the teacher knows 0-4
 METHODS = ("scratch", "head", "head+finetune")

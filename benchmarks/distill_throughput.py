@@ -28,14 +28,14 @@ import torch
 from b2kd.blackbox import ResponseKind
 from b2kd.core.checkpoint import save_classifier, save_generator
 from b2kd.core.config import load_config
-from b2kd.distill.step import train_step
 from b2kd.core.engine import make_optimizer
+from b2kd.core.runtime import hardware
 from b2kd.distill.methods.mekd import MEKD
+from b2kd.distill.reference_step import reference_step
+from b2kd.distill.step import train_step
 from b2kd.models import Generator, build_model
 from b2kd.pipeline import run_distill
 from b2kd.pool.paid import synthesise
-from b2kd.distill.reference_step import reference_step
-from b2kd.core.runtime import hardware
 
 
 def compare_steps(cfg, steps: int, reps: int, device: torch.device, bf16: bool = False,

@@ -18,9 +18,9 @@ import time
 import torch
 from torch import nn
 
+from b2kd.core.runtime import fast_layout, hardware
 from b2kd.models import Generator
 from b2kd.models.fold import fold_frozen
-from b2kd.core.runtime import fast_layout, hardware
 
 SHAPES = {"demo (64/32, 28 px)": ((64, 32), 28, 1), "paper-mnist (128/64, 32 px)": ((128, 64), 32, 1)}
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from b2kd.blackbox import LocalBackend
-from b2kd.edge.client import HTTPTeacher
 from b2kd.core.checkpoint import save_classifier
 from b2kd.core.config import load_config
-from b2kd.models import build_model
 from b2kd.core.runtime import hardware
+from b2kd.edge.client import HTTPTeacher
+from b2kd.models import build_model
 from b2kd.provider.serve import ServedTeacher
 
 

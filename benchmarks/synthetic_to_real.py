@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from b2kd.core.config import load_config
-from b2kd.pipeline import run_deprivatize, run_distill, run_evaluate, run_teacher
 from b2kd.data.edge_sets import edge_dev_set
+from b2kd.pipeline import run_deprivatize, run_distill, run_evaluate, run_teacher
 
 CONFIG = "configs/demo.yaml"
 SN = ["deprivatize.spectral_norm=true", "deprivatize.d_lr=0.0008"]

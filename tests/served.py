@@ -11,10 +11,10 @@ import torch
 import uvicorn
 
 from b2kd.blackbox import LocalBackend
-from b2kd.provider.connections import uvicorn_config
-from b2kd.provider.server import ServerSettings, create_app
 from b2kd.models import build_model
+from b2kd.provider.connections import uvicorn_config
 from b2kd.provider.serve import listen
+from b2kd.provider.server import ServerSettings, create_app
 
 
 def toy_model() -> torch.nn.Module:

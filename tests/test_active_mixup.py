@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from b2kd.edge import Ledger
 from b2kd.core.checkpoint import read
 from b2kd.distill.methods.active_mixup import least_confident, mixup, mixup_pairs, round_sizes
+from b2kd.edge import Ledger
 from b2kd.pipeline import run_distill, run_teacher
 
 

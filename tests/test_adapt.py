@@ -22,10 +22,9 @@ from test_cli import assert_ok, assert_user_error, invoke, ledger_rows
 from toy import make_toy, toy_model
 
 from b2kd.core.checkpoint import read
-
-from b2kd.models import load_classifier
-from b2kd.data.labelled import LabelledSet, choose_shots
 from b2kd.core.metrics import predict
+from b2kd.data.labelled import LabelledSet, choose_shots
+from b2kd.models import load_classifier
 
 BANDS = ("top", "middle", "bottom")
 PER_CLASS = 8  # labelled images per class in the folder

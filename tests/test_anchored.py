@@ -4,9 +4,9 @@ values by hand, and a toy distillation that sends no private image and none unde
 import pytest
 import torch
 
-from b2kd.pool.anchored import AnchorLabels, anchor_targets, invert, nearest_l2, privacy_floor
 from b2kd.distill.coral import coral
 from b2kd.models.gan import Generator
+from b2kd.pool.anchored import AnchorLabels, anchor_targets, invert, nearest_l2, privacy_floor
 from b2kd.pool.paid import render
 
 
@@ -68,9 +68,9 @@ def test_anchor_labels_term_is_the_soft_cross_entropy():
 
 def test_anchored_distillation_sends_no_private_image_and_none_under_the_floor(toy_runs, tmp_path):
     from b2kd.core.checkpoint import read
+    from b2kd.data.edge_sets import edge_private_images
     from b2kd.edge import Ledger
     from b2kd.pipeline import run_distill
-    from b2kd.data.edge_sets import edge_private_images
 
     cfg = toy_runs["cfg"].model_copy(deep=True)
     cfg.distill.anchor_share = 0.5

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from PIL import Image
 from typer.testing import CliRunner
 
-from b2kd.evaluate.audit import audit, audit_run
 from b2kd.cli import app
 from b2kd.data import load_dataset
-from b2kd.pool.paid import load_or_sample_private, sample_private
+from b2kd.evaluate.audit import audit, audit_run
 from b2kd.evaluate.ssim import ssim
+from b2kd.pool.paid import load_or_sample_private, sample_private
 
 
 def test_ssim_of_identical_constant_and_noisy_images():
@@ -108,10 +108,10 @@ def test_private_pool_is_seeded_capped_and_reused(tmp_path):
 
 
 def test_knockoff_pays_for_a_seeded_subset_of_the_private_images(toy_runs):
-    from b2kd.edge import Ledger, image_hashes
     from b2kd.core.checkpoint import read
     from b2kd.core.config import load_config
     from b2kd.data.edge_sets import edge_private_images
+    from b2kd.edge import Ledger, image_hashes
 
     run = toy_runs["kn"]
     assert load_config(run / "config.yaml").deprivatize.generator is None  # none was needed

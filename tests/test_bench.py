@@ -9,14 +9,14 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from b2kd.bench.run import load_bench, run_bench
 from b2kd.bench.report import render_report, summarise
+from b2kd.bench.run import load_bench, run_bench
 from b2kd.blackbox import LocalBackend
-from b2kd.edge import BlackBoxTeacher, Ledger
-from b2kd.edge.cache import SharedCache
 from b2kd.cli import app
 from b2kd.core.config import ConfigError, load_config
 from b2kd.data.shift import CORRUPTIONS, corrupt, imbalance
+from b2kd.edge import BlackBoxTeacher, Ledger
+from b2kd.edge.cache import SharedCache
 from b2kd.pool.paid import sample_private
 
 BUDGETS = [40, 80]

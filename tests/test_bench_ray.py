@@ -19,7 +19,6 @@ import torch
 import yaml
 
 from b2kd.blackbox import LocalBackend
-
 from b2kd.edge import Ledger
 from b2kd.edge.cache import SharedCache
 
@@ -105,8 +104,8 @@ def _comparable(rows: list[dict]) -> list[dict]:
 
 
 def test_ray_bench_gives_the_sequential_rows_and_reads_finished_cells_back(local_ray, gap_bench, tmp_path):
-    from b2kd.bench.run import run_bench
     from b2kd.bench.on_ray import run_bench_ray
+    from b2kd.bench.run import run_bench
 
     _, sequential = run_bench(gap_bench, tmp_path / "seq", log=lambda *_: None)
     lines: list[str] = []

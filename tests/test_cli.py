@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from toy import PLAIN_DISTILL
 from typer.testing import CliRunner
 
-from b2kd.edge import Ledger
-from b2kd.core.checkpoint import read
 from b2kd.cli import app
+from b2kd.core.checkpoint import read
 from b2kd.core.config import load_config
-from toy import PLAIN_DISTILL
+from b2kd.edge import Ledger
 
 N_TRAIN, N_TEST = 800, 200
 BUDGET = 200
@@ -95,9 +95,9 @@ def ledger_rows(path: Path) -> list[tuple[str, str]]:
 def predictions_on_test_split(checkpoint: Path, npz: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(top-1 of the checkpoint's model, true labels) on the tiny set's test split, recomputed
     here from the files, to check what the reports say."""
-    from b2kd.models import load_classifier
-    from b2kd.data import load_dataset
     from b2kd.core.metrics import predict
+    from b2kd.data import load_dataset
+    from b2kd.models import load_classifier
 
     test = load_dataset("npz", "test", str(npz), 28, 1)
     model, _ = load_classifier(checkpoint)

@@ -7,13 +7,12 @@ import pytest
 import torch
 
 from b2kd.blackbox import BlackBoxError, LocalBackend, ResponseKind
-
-from b2kd.edge import BlackBoxTeacher, Ledger
-from b2kd.models import load_classifier
 from b2kd.core.config import ConfigError, DistillConfig
 from b2kd.distill.methods import get_method
 from b2kd.distill.methods.base import Acquisition
 from b2kd.distill.methods.dafl import DAFL, dafl_generator_loss
+from b2kd.edge import BlackBoxTeacher, Ledger
+from b2kd.models import load_classifier
 
 
 def test_generator_loss_matches_hand_computed_terms():

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from b2kd.blackbox import BlackBoxError
-
-from b2kd.edge import Ledger
 from b2kd.core.checkpoint import read
 from b2kd.distill.methods.db3kd import MAX_DISTANCE, boundary_distances, boundary_soft_labels
+from b2kd.edge import Ledger
 from b2kd.pipeline import run_distill, run_teacher
 
 

@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from toy import PLAIN_DISTILL
 
 from b2kd.core.checkpoint import read
 from b2kd.core.config import Config
-from toy import PLAIN_DISTILL
 
 BUDGET, EPOCHS = 200, 12
 # a student distilled 2 x 16 and one distilled 1 x 32 agree to these tolerances (measured max

@@ -16,14 +16,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from b2kd.edge import image_hashes
-from b2kd.core.checkpoint import read
 from b2kd.cli import app
+from b2kd.core.checkpoint import read
 from b2kd.core.config import ConfigError
-from b2kd.deploy.export import OPSET, calibration_images, export_onnx, export_run
-from b2kd.models import build_model
 from b2kd.data.edge_sets import edge_private_images
+from b2kd.deploy.export import OPSET, calibration_images, export_onnx, export_run
 from b2kd.deploy.predict import OnnxModel
+from b2kd.edge import image_hashes
+from b2kd.models import build_model
 
 PARITY_TOL = 1e-4
 

@@ -11,13 +11,12 @@ from test_cli import assert_ok, assert_user_error, invoke, ledger_rows
 from toy import make_toy
 
 from b2kd.blackbox import LocalBackend, ResponseKind
-
-from b2kd.edge import BlackBoxTeacher, Ledger
-from b2kd.edge.client import HTTPTeacher
-from b2kd.edge.ledger import PoisonedLedger
 from b2kd.blackbox.protocol import EMBEDDING, Layout, ProtocolError
 from b2kd.blackbox.validate import InvalidAnswer, embedding_problem
 from b2kd.distill.feature_match import FeatureMatch
+from b2kd.edge import BlackBoxTeacher, Ledger
+from b2kd.edge.client import HTTPTeacher
+from b2kd.edge.ledger import PoisonedLedger
 from b2kd.models.penultimate import Penultimate, embed
 from b2kd.provider.serve import ServedTeacher
 

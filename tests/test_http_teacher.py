@@ -20,11 +20,10 @@ from test_cli import assert_ok, assert_user_error, invoke, ledger_rows
 from toy import make_toy
 
 from b2kd.blackbox import BlackBoxError, LocalBackend
-
 from b2kd.edge import BlackBoxTeacher, Ledger, image_hashes
 from b2kd.edge.client import HTTPTeacher, retry_after, split_url
-from b2kd.provider.keys import key_id, load_secret
 from b2kd.pool.paid import pay
+from b2kd.provider.keys import key_id, load_secret
 from b2kd.provider.serve import ServedTeacher
 
 KINDS = ["soft", "topk:3", "rounded:2", "hard"]

@@ -10,6 +10,8 @@ import pytest
 from served import toy_model
 
 from b2kd.blackbox import LocalBackend
+from b2kd.core.checkpoint import save_classifier
+from b2kd.core.config import Config
 from b2kd.provider.keys import (
     KeySetupError,
     key_id,
@@ -17,11 +19,9 @@ from b2kd.provider.keys import (
     parse_api_keys,
     server_keys,
 )
+from b2kd.provider.serve import serve
 from b2kd.provider.server import ServerSettings, create_app
 from b2kd.provider.store import StoreError
-from b2kd.core.checkpoint import save_classifier
-from b2kd.core.config import Config
-from b2kd.provider.serve import serve
 
 
 def test_keys_come_from_the_command_line_a_file_and_the_environment(tmp_path):

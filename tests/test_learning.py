@@ -14,9 +14,9 @@ import json
 
 import torch
 
-from b2kd.models import load_classifier
-from b2kd.data import load_dataset
 from b2kd.core.metrics import predict
+from b2kd.data import load_dataset
+from b2kd.models import load_classifier
 
 # chance is 0.10 (ten classes)
 TEACHER_AT_LEAST = 0.80  # measured 0.945

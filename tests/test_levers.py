@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from b2kd.pool.balanced import class_quotas, neighbour_latents, pick, shortfall
+from b2kd.core.engine import make_step_scheduler, step_schedule_factor
 from b2kd.data.augment import StrongAugment, cutout
 from b2kd.data.splits import dev_split, edge_split
-from b2kd.core.engine import make_step_scheduler, step_schedule_factor
 from b2kd.distill.semisup import consistency_loss
+from b2kd.pool.balanced import class_quotas, neighbour_latents, pick, shortfall
 
 
 def test_cosine_factor_per_step_with_warmup():
@@ -126,10 +126,10 @@ class _BlindStudent(torch.nn.Module):
 
 
 def _rare_class_pool(tmp_path, neighbours):
-    from b2kd.pool.balanced import balanced_pool
     from b2kd.blackbox import LocalBackend, top1
-    from b2kd.edge import BlackBoxTeacher, Ledger
     from b2kd.distill.methods.base import Acquisition
+    from b2kd.edge import BlackBoxTeacher, Ledger
+    from b2kd.pool.balanced import balanced_pool
 
     teacher = BlackBoxTeacher(LocalBackend(_BrightnessTeacher()), Ledger(tmp_path / "ledger.sqlite"), budget=2000)
     acq = Acquisition(teacher=teacher, budget=2000, seed=0, device=torch.device("cpu"), out=tmp_path,
@@ -173,9 +173,9 @@ def _distil(toy_runs, tmp_path, name, **distill):
 
 
 def test_local_unlabelled_never_sends_a_private_image(toy_runs, tmp_path):
-    from b2kd.edge import Ledger
     from b2kd.core.checkpoint import read
     from b2kd.data.edge_sets import edge_private_images
+    from b2kd.edge import Ledger
 
     summary, cfg = _distil(toy_runs, tmp_path, "semi", local_unlabelled=True, unlabelled_threshold=0.0)
     private = edge_private_images(cfg)
@@ -211,8 +211,8 @@ def read_gan_queries(toy_runs):
 
 
 def test_balanced_pool_spends_the_budget_once(toy_runs, tmp_path):
-    from b2kd.edge import Ledger
     from b2kd.core.checkpoint import read
+    from b2kd.edge import Ledger
 
     summary, cfg = _distil(toy_runs, tmp_path, "balanced", pool="balanced", balance_fit_steps=5)
     assert summary["queries"] == cfg.distill.budget == summary["pool_size"]

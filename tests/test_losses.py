@@ -5,7 +5,11 @@ import math
 import pytest
 import torch
 
-from b2kd.deprivatize.losses import gan_discriminator_loss, gan_generator_loss, information_maximisation
+from b2kd.deprivatize.losses import (
+    gan_discriminator_loss,
+    gan_generator_loss,
+    information_maximisation,
+)
 from b2kd.distill.losses import generator_alignment, kd_kl, mekd_loss
 
 

@@ -21,9 +21,9 @@ def test_least_sure_takes_the_lowest_top_probabilities():
 
 
 def test_mixup_share_pays_within_budget_and_resumes_free(toy_runs, tmp_path):
+    from b2kd.data.edge_sets import edge_private_images
     from b2kd.edge import Ledger
     from b2kd.pipeline import run_distill
-    from b2kd.data.edge_sets import edge_private_images
 
     cfg = toy_runs["cfg"].model_copy(deep=True)
     cfg.distill.mixup_share = 0.25

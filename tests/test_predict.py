@@ -8,11 +8,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from b2kd.models import load_classifier
 from b2kd.cli import app
 from b2kd.data import load_dataset
 from b2kd.deploy.export import export_onnx
 from b2kd.deploy.predict import ModelError, predict_files
+from b2kd.models import load_classifier
 
 runner = CliRunner()
 

@@ -50,9 +50,9 @@ def test_deprivatize_saves_d_and_distill_reads_it(toy_runs, tmp_path):
 
 
 def test_realism_filter_pays_for_images_d_rates_more_real(toy_runs, tmp_path):
-    from b2kd.pipeline import run_distill
     from b2kd.data.edge_sets import edge_private_images
     from b2kd.edge import Ledger
+    from b2kd.pipeline import run_distill
 
     rests = {}
     for share in (0.0, 0.5):

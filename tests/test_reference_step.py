@@ -17,8 +17,8 @@ import torch
 from b2kd.blackbox import ResponseKind
 from b2kd.core.config import DistillConfig
 from b2kd.distill.methods.mekd import MEKD
-from b2kd.models import Generator, build_model
 from b2kd.distill.reference_step import reference_loss, reference_step, reference_terms
+from b2kd.models import Generator, build_model
 
 
 def _sharpen(model: torch.nn.Module, factor: float) -> torch.nn.Module:

@@ -17,8 +17,10 @@ import pytest
 from postgres_server import fresh_database, postgres_bin, postgres_server
 from served import ThreadServer, images, toy_model
 
-from b2kd.provider.keys import load_secret
 from b2kd.blackbox.protocol import HEADER_LENGTH, Tensor, encode
+from b2kd.core.checkpoint import save_classifier
+from b2kd.provider.keys import load_secret
+from b2kd.provider.serve import ServedTeacher
 from b2kd.provider.store import (
     Answer,
     QuotaExhausted,
@@ -27,8 +29,6 @@ from b2kd.provider.store import (
     StoreError,
     open_store,
 )
-from b2kd.core.checkpoint import save_classifier
-from b2kd.provider.serve import ServedTeacher
 
 BACKENDS = ["sqlite", "postgresql"]
 

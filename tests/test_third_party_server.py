@@ -23,10 +23,9 @@ from test_cli import assert_ok, assert_user_error, invoke, ledger_rows
 from toy import make_toy, toy_model
 
 from b2kd.blackbox import BlackBoxError, LocalBackend, TeacherRefused
-
+from b2kd.blackbox.validate import InvalidAnswer
 from b2kd.edge import Ledger
 from b2kd.edge.client import HTTPTeacher
-from b2kd.blackbox.validate import InvalidAnswer
 
 pytest.importorskip("kserve")
 PIXELS = 28 * 28
@@ -161,9 +160,9 @@ def test_distill_refuses_an_fp32_teacher_without_a_stated_preprocessing(kserve, 
 
 
 def test_evaluate_pays_for_teacher_accuracy_and_fidelity_apart_from_the_pool(kserve, toy, model, tmp_path):
-    from b2kd.models import load_classifier
     from b2kd.data import load_dataset
     from b2kd.evaluate.fidelity import sample
+    from b2kd.models import load_classifier
 
     out = tmp_path / "run"
     distill = ["distill", "--config", toy / "toy.yaml", "--teacher-url", f"{kserve}/v2/models/logits",

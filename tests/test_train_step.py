@@ -4,10 +4,10 @@ import torch
 
 from b2kd.blackbox import ResponseKind
 from b2kd.core.config import DistillConfig
-from b2kd.distill.step import train_step
 from b2kd.distill.losses import kd_kl
 from b2kd.distill.methods.kd import KD
 from b2kd.distill.methods.knockoff import Knockoff
+from b2kd.distill.step import train_step
 
 
 def _setup():

@@ -385,8 +385,8 @@ def bench(
         help="with --ray: a running cluster, e.g. auto or ray://HEAD:10001")] = None,
 ):
     """Run a matrix of methods x responses x budgets x seeds (x gaps); finished cells are kept."""
-    from b2kd.bench.run import run_bench
     from b2kd.bench.report import render_report
+    from b2kd.bench.run import run_bench
 
     if bench_file.is_file():
         check_yaml(bench_file)

@@ -18,12 +18,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from b2kd.evaluate.audit import audit_run
 from b2kd.core.checkpoint import CheckpointError, read
 from b2kd.core.config import Config
-from b2kd.deploy.export import export_run
-from b2kd.pipeline import run_deprivatize, run_distill, run_evaluate, run_teacher
 from b2kd.core.run_dir import check_writable
+from b2kd.deploy.export import export_run
+from b2kd.evaluate.audit import audit_run
+from b2kd.pipeline import run_deprivatize, run_distill, run_evaluate, run_teacher
 from b2kd.provider.serve import ServedTeacher
 from b2kd.teacher.train import trained_with
 

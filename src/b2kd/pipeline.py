@@ -28,7 +28,8 @@ from b2kd.evaluate.run import run_evaluate
 from b2kd.models import load_classifier, load_generator
 from b2kd.models.fold import fold_frozen
 
-#: What the CLI, the demo and the benches call (the helpers above them live in their stages).
+#: What the CLI, the demo and the benches call; the helpers among them are defined in their stages
+#: (core.runtime, core.run_dir, data.edge_sets, evaluate.run) and importable from here too.
 __all__ = ["edge_dev_set", "edge_private_images", "load_run_config", "prepare_run", "run_deprivatize",
            "run_distill", "run_evaluate", "run_teacher", "short_distillation", "start_run"]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from b2kd.core.config import ConfigError, Config
+from b2kd.core.config import Config, ConfigError
 from b2kd.core.config_diff import differences
 
 # what shapes a shared GAN (the cell's own distill settings do not)

@@ -206,8 +206,8 @@ def run_cell(bench: BenchConfig, base: Path, gap: GapSpec, spec: MethodSpec, res
              log=print) -> dict:
     """Distil and evaluate one cell; its row (also written to ``cell/result.json`` when it
     succeeds). A failure is recorded in the row and ``cell/error.txt``, never raised."""
-    from b2kd.pipeline import run_distill, run_evaluate
     from b2kd.core.runtime import hardware
+    from b2kd.pipeline import run_distill, run_evaluate
 
     out = cell.parents[2]
     row = {**row, "hardware": hardware()}

@@ -17,8 +17,14 @@ from pathlib import Path
 
 import torch
 
-from b2kd.core.checkpoint import (atomic_save, load_resumed, module_checkpoint, read, resume_mismatch,
-                             save_classifier)
+from b2kd.core.checkpoint import (
+    atomic_save,
+    load_resumed,
+    module_checkpoint,
+    read,
+    resume_mismatch,
+    save_classifier,
+)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

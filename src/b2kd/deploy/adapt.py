@@ -26,16 +26,16 @@ import numpy as np
 import torch
 
 from b2kd import __version__
-from b2kd.deploy.adapt_train import finetune, train_head
 from b2kd.core.checkpoint import CheckpointError, atomic_save, read, save_classifier
-from b2kd.models import load_classifier
 from b2kd.core.config import Config, ConfigError, load_config, save_config
-from b2kd.data import load_dataset
-from b2kd.data.labelled import LabelledSet, check_shape, choose_shots, read_labelled
 from b2kd.core.metrics import accuracy, per_class_accuracy, predict
-from b2kd.models.heads import TwoHeads
-from b2kd.data.edge_sets import edge_private_images
 from b2kd.core.runtime import hardware, setup
+from b2kd.data import load_dataset
+from b2kd.data.edge_sets import edge_private_images
+from b2kd.data.labelled import LabelledSet, check_shape, choose_shots, read_labelled
+from b2kd.deploy.adapt_train import finetune, train_head
+from b2kd.models import load_classifier
+from b2kd.models.heads import TwoHeads
 
 CALIBRATION_POOL = 2048  # generator images of the run's pool copied to OUT/pool.pt for INT8
 

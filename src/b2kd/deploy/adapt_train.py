@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from b2kd.core.config import AdaptConfig
 from b2kd.data import Augment
-from b2kd.models.heads import TwoHeads
 from b2kd.distill.losses import kd_kl
+from b2kd.models.heads import TwoHeads
 
 
 @torch.no_grad()

@@ -34,12 +34,12 @@ from onnxruntime.quantization import (
 from b2kd import __version__
 from b2kd.core.checkpoint import CheckpointError, read
 from b2kd.core.config import Config, ConfigError
-from b2kd.data import load_dataset
-from b2kd.models import count_parameters, load_classifier, load_generator
 from b2kd.core.run_dir import load_run_config
-from b2kd.edge.connect import teacher_checkpoint
-from b2kd.pool.paid import synthesise
+from b2kd.data import load_dataset
 from b2kd.deploy.predict import OnnxModel
+from b2kd.edge.connect import teacher_checkpoint
+from b2kd.models import count_parameters, load_classifier, load_generator
+from b2kd.pool.paid import synthesise
 
 # Fixed so that a model exported today loads in the same runtimes tomorrow; 17 is
 # supported by onnxruntime >= 1.13 and by the usual device runtimes, and has

@@ -17,14 +17,18 @@ from pathlib import Path
 
 import torch
 
-from b2kd.core import distributed
 from b2kd.blackbox import to_probs
-from b2kd.edge import BlackBoxTeacher
+from b2kd.core import distributed
 from b2kd.core.checkpoint import atomic_save, load_resumed, module_checkpoint, read, save_generator
 from b2kd.core.config import DeprivatizeConfig
 from b2kd.core.engine import epoch_generator
 from b2kd.core.grid import save_grid
-from b2kd.deprivatize.losses import gan_discriminator_loss, gan_generator_loss, information_maximisation
+from b2kd.deprivatize.losses import (
+    gan_discriminator_loss,
+    gan_generator_loss,
+    information_maximisation,
+)
+from b2kd.edge import BlackBoxTeacher
 from b2kd.models import Discriminator, Generator, from_uint8, quantize_uint8
 
 

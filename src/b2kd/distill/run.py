@@ -14,20 +14,20 @@ from pathlib import Path
 
 import torch
 
-from b2kd.core import distributed
 from b2kd.blackbox import top1
-from b2kd.edge import BlackBoxTeacher
+from b2kd.core import distributed
 from b2kd.core.checkpoint import atomic_save
 from b2kd.core.config import Config
+from b2kd.core.engine import Engine, make_optimizer, make_step_scheduler
+from b2kd.core.runtime import fast_layout
 from b2kd.data import Augment
 from b2kd.data.augment import StrongAugment
-from b2kd.core.engine import Engine, make_optimizer, make_step_scheduler
 from b2kd.distill.methods import get_method
 from b2kd.distill.methods.base import Acquisition
-from b2kd.models import build_model
-from b2kd.core.runtime import fast_layout
 from b2kd.distill.semisup import LocalUnlabelled
 from b2kd.distill.step import combined, device_terms, train_step
+from b2kd.edge import BlackBoxTeacher
+from b2kd.models import build_model
 
 #: The pool's held-out slice and the teacher's top-1 on it, as a run writes them (for
 #: b2kd.evaluate.synthetic_gap's synthetic-vs-real table).

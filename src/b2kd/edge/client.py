@@ -67,7 +67,6 @@ from b2kd.blackbox.base import (
     TeacherRefused,
     TeacherUnavailable,
 )
-from b2kd.edge.preprocess import Preprocess, PreprocessError
 from b2kd.blackbox.protocol import (
     HEADER_LENGTH,
     Layout,
@@ -79,6 +78,7 @@ from b2kd.blackbox.protocol import (
     parse_json,
 )
 from b2kd.blackbox.validate import check, check_embeddings, softmax_of_logits
+from b2kd.edge.preprocess import Preprocess, PreprocessError
 
 if TYPE_CHECKING:
     from b2kd.core.config import TeacherConfig

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from b2kd.edge import Ledger, image_hashes
 from b2kd.core.config import Config, ConfigError
-from b2kd.data import edge_split, load_dataset, private_images
 from b2kd.core.grid import save_grid
 from b2kd.core.run_dir import load_run_config
+from b2kd.data import edge_split, load_dataset, private_images
+from b2kd.edge import Ledger, image_hashes
 from b2kd.evaluate.ssim import ssim
 
 CANDIDATES = 8  # SSIM is computed against this many nearest private images by L2

@@ -15,10 +15,9 @@ from pathlib import Path
 import torch
 
 from b2kd.blackbox import top1
-
-from b2kd.edge import BlackBoxTeacher, Ledger
 from b2kd.core.config import ConfigError
 from b2kd.core.metrics import accuracy, predict
+from b2kd.edge import BlackBoxTeacher, Ledger
 
 STAGE = "fidelity"
 
@@ -32,13 +31,13 @@ def evaluate_with_paid_fidelity(run_dir: str | Path, n: int, api_key: str | None
                                 log=print) -> dict:
     """The run's report (b2kd.evaluate.run.run_evaluate), with teacher accuracy and fidelity from N paid
     test images when the run has no local teacher checkpoint."""
-    from b2kd.edge.client import HTTPTeacher
-    from b2kd.models import load_classifier
-    from b2kd.data import load_dataset
     from b2kd.core.run_dir import load_run_config
-    from b2kd.evaluate.run import run_evaluate
-    from b2kd.pool.paid import pay
+    from b2kd.data import load_dataset
+    from b2kd.edge.client import HTTPTeacher
     from b2kd.evaluate.report import write_report
+    from b2kd.evaluate.run import run_evaluate
+    from b2kd.models import load_classifier
+    from b2kd.pool.paid import pay
 
     run_dir = Path(run_dir)
     if n < 1:

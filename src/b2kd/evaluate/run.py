@@ -25,9 +25,9 @@ from b2kd.models import load_classifier
 
 def run_evaluate(run_dir: str | Path, cfg: Config | None = None) -> dict:
     """Test-set report of a distillation run: last and best-on-validation students."""
-    from b2kd.pool import labels as pool_labels
     from b2kd.evaluate.report import write_report
     from b2kd.evaluate.synthetic_gap import synthetic_vs_real
+    from b2kd.pool import labels as pool_labels
 
     run_dir = Path(run_dir)
     if cfg is None:

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from b2kd.edge import BlackBoxTeacher
 from b2kd.core.checkpoint import atomic_save, read
 from b2kd.data.augment import random_crop
+from b2kd.edge import BlackBoxTeacher
 from b2kd.models import quantize_uint8
 
 

@@ -48,11 +48,11 @@ def serve(cfg: Config, log=print) -> None:
     """
     import uvicorn
 
+    from b2kd.core.runtime import prepare_run
     from b2kd.provider.connections import uvicorn_config
     from b2kd.provider.keys import KeySetupError, load_secret, parse_key_outputs, server_keys
     from b2kd.provider.server import ServerSettings, create_app
     from b2kd.provider.store_postgres import redact
-    from b2kd.core.runtime import prepare_run
 
     s = cfg.serve
     if not cfg.teacher.checkpoint:

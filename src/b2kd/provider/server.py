@@ -35,11 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from b2kd import __version__
-from b2kd.provider.access_log import AccessLog
-from b2kd.provider.body import BodyError, read_body
-from b2kd.provider.keys import KeySetupError, key_id, legacy_key_id, secret_check
 from b2kd.blackbox.local import LocalBackend
-from b2kd.provider.metrics import CONTENT_TYPE, Metrics
 from b2kd.blackbox.protocol import (
     HEADER_LENGTH,
     MAX_ID_LENGTH,
@@ -50,6 +46,10 @@ from b2kd.blackbox.protocol import (
     encode,
     header_length,
 )
+from b2kd.provider.access_log import AccessLog
+from b2kd.provider.body import BodyError, read_body
+from b2kd.provider.keys import KeySetupError, key_id, legacy_key_id, secret_check
+from b2kd.provider.metrics import CONTENT_TYPE, Metrics
 from b2kd.provider.stats import InferenceStats
 from b2kd.provider.store import (
     ANONYMOUS,

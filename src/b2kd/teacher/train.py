@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from b2kd.core import distributed
 from b2kd.core.checkpoint import save_classifier
 from b2kd.core.config import Config
-from b2kd.data import Augment, load_dataset
 from b2kd.core.engine import Engine, make_optimizer, make_scheduler
 from b2kd.core.metrics import evaluate
+from b2kd.data import Augment, load_dataset
 from b2kd.models import build_model
 
 

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 
 from b2kd.blackbox import BlackBoxError
 from b2kd.core.checkpoint import save_generator
+from b2kd.core.runtime import fast_layout
 from b2kd.distill.methods.base import Acquisition, Method
 from b2kd.models import Generator, load_generator, to_unit
 from b2kd.pool.paid import load_or_draw, pay, synthesise
-from b2kd.core.runtime import fast_layout
 
 #: Weights of the DAFL generator loss (the paper's MNIST settings).
 ACTIVATION_WEIGHT = 0.1

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from b2kd.blackbox import teacher_logits
+from b2kd.core.runtime import fast_layout
 from b2kd.distill.losses import mekd_loss
 from b2kd.distill.methods.base import Method
-from b2kd.core.runtime import fast_layout
 
 
 class MEKD(Method):
