@@ -22,7 +22,7 @@ TOY_RUNS = {
     "data": {"dataset": "npz", "local_fraction": 0.25},
     "teacher": {"arch": "lenet5", "epochs": 2},
     "deprivatize": {"epochs": 1, "widths": [16, 8], "max_queries": 40, "query_every": 2,
-                    "query_batch": 4},
+                    "query_batch": 4, "spectral_norm": False, "d_lr": None},
     "distill": {"student": "lenet5", "budget": 200, "epochs": 2, "batch_size": 32,
                 "query_batch": 64, "response": "soft", **PLAIN_DISTILL},
 }

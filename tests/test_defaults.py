@@ -39,7 +39,8 @@ RECIPE = {
     "deprivatize.query_batch": 16,
     "deprivatize.max_queries": 5000,
     "deprivatize.response": "soft",
-    "deprivatize.spectral_norm": False,
+    "deprivatize.spectral_norm": True,
+    "deprivatize.d_lr": 8e-4,
 }
 
 # what configs/demo.yaml may set: the run's size, never the recipe

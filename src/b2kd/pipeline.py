@@ -160,7 +160,7 @@ def _distill_run(cfg: Config, out: Path, device: torch.device, log) -> dict:
         raise ConfigError(f"method '{d.method}' is white-box (it reads the teacher's weights and"
                           " gradients) and cannot run against a remote teacher; drop teacher.url")
     # a local-data method (KN, KD, ...) queries private images as they are and needs no generator
-    on_device = d.local_unlabelled or (method.source == "generator" and d.anchor_share > 0) or d.coral_weight > 0
+    on_device = d.local_unlabelled
     private = edge_private_images(cfg) if method.source == "local" or on_device else None
     generator, discriminator = _gan_inputs(cfg, method, device)
     check_teacher_inputs(cfg, out)

@@ -25,7 +25,7 @@ from b2kd.data.augment import StrongAugment
 from b2kd.distill.methods import get_method
 from b2kd.distill.methods.base import Acquisition
 from b2kd.distill.semisup import LocalUnlabelled
-from b2kd.distill.step import combined, device_terms, train_step
+from b2kd.distill.step import combined, train_step
 from b2kd.edge import BlackBoxTeacher
 from b2kd.models import build_model
 
@@ -111,20 +111,17 @@ def optimisation(cfg: Config, student: torch.nn.Module, plan: Plan, embeddings, 
     return optimizer, scheduler, features
 
 
-def on_device_terms(d, student: torch.nn.Module, unlabelled: torch.Tensor | None, anchor_targets, augment,
+def on_device_terms(d, student: torch.nn.Module, unlabelled: torch.Tensor | None, augment,
                     device: torch.device) -> list:
-    """Every term that reads the private images on the device: :func:`device_terms`, then the
-    semi-supervised term of ``distill.local_unlabelled``."""
-    local = None
-    if d.local_unlabelled:
-        if unlabelled is None:
-            raise ValueError("distill.local_unlabelled is set, but no private images were given")
-        local = LocalUnlabelled(unlabelled, max(1, round(d.batch_size * d.unlabelled_ratio)),
-                                d.unlabelled_threshold, d.unlabelled_weight, augment, StrongAugment(), device)
-    terms = device_terms(d, student, unlabelled, anchor_targets, augment, device)
-    if local is not None:
-        terms.append(lambda rng: local.loss(student, rng))
-    return terms
+    """The terms that read the private images on the device (never sent): the semi-supervised
+    term of ``distill.local_unlabelled``; each is ``term(rng) -> (loss, parts)``."""
+    if not d.local_unlabelled:
+        return []
+    if unlabelled is None:
+        raise ValueError("distill.local_unlabelled is set, but no private images were given")
+    local = LocalUnlabelled(unlabelled, max(1, round(d.batch_size * d.unlabelled_ratio)),
+                            d.unlabelled_threshold, d.unlabelled_weight, augment, StrongAugment(), device)
+    return [lambda rng: local.loss(student, rng)]
 
 
 class Trainer:
@@ -217,7 +214,7 @@ def distill(
         fit=fit, generator=generator, private=private, query_batch=d.query_batch, on_paid=on_paid,
         local_model=local_model if method.white_box else None,
         setup=setup if method.source == "generator" else None,
-        discriminator=discriminator, anchors_from=unlabelled if method.source == "generator" else None,
+        discriminator=discriminator,
     )
     # gray-box answers (+embedding kinds): the teacher's embeddings of the pool, read from the ledger
     with_features = teacher.kind.embedding and d.feature_weight > 0
@@ -235,7 +232,7 @@ def distill(
     select = d.select if len(val_idx) else "last"
     meta = {"role": "student", "method": d.method, "response": str(teacher.kind), "arch": d.student}
     extras = {"feature_projection": features.proj} if features is not None else {}
-    terms = on_device_terms(d, student, unlabelled, acq.anchor_targets, augment, device)
+    terms = on_device_terms(d, student, unlabelled, augment, device)
     engine = Engine(out, student, optimizer, scheduler, plan.epochs, cfg.seed, select=select, meta=meta,
                     schedule_per="step", writes=distributed.is_main(), extras=extras)
     if engine.resume(distributed.checkpoint_from_rank0(engine.latest_path)):

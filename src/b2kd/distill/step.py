@@ -2,32 +2,12 @@
 
 The method's loss on a batch of paid images, plus what needs no paid answer: the gray-box
 feature term (:class:`b2kd.distill.feature_match.FeatureMatch`) and the terms that read the
-private images on the device (anchored labels, CORAL alignment, the semi-supervised term).
+private images on the device (the semi-supervised term).
 """
 
 from __future__ import annotations
 
 import torch
-
-
-def device_terms(d, student: torch.nn.Module, private: torch.Tensor | None, anchor_targets, augment,
-                 device: torch.device) -> list:
-    """The loss terms that read private images on the device (never sent): the anchored images'
-    transferred labels and CORAL feature alignment; each is ``term(rng) -> (loss, parts)``."""
-    terms = []
-    if anchor_targets is not None and d.anchor_weight > 0:
-        from b2kd.pool.anchored import AnchorLabels
-
-        labels = AnchorLabels(private, *anchor_targets, d.batch_size, d.anchor_weight, augment, device)
-        terms.append(lambda rng: labels.loss(student, rng))
-    if d.coral_weight > 0:
-        if private is None:
-            raise ValueError("distill.coral_weight needs the private images on the device, but none were given")
-        from b2kd.distill.coral import CoralAlign
-
-        align = CoralAlign(student, private, d.batch_size, d.coral_weight, augment, device)
-        terms.insert(0, lambda rng: align.loss(student, rng))  # first: it reads the paid batch's features
-    return terms
 
 
 def combined(terms: list, rng: torch.Generator):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,19 +40,6 @@ class Acquisition:
     local_model: torch.nn.Module | None = None
     setup: tuple[torch.Tensor, torch.Tensor] | None = None  # deprivatization's paid (images, answers)
     discriminator: torch.nn.Module | None = None  # deprivatization's D (distill.balance_realism)
-    # the private images, read on the device only, that anchor the pool (distill.anchor_share)
-    anchors_from: torch.Tensor | None = None
-    # filled by acquire with anchored pools: (private indices, transferred label distributions)
-    anchor_targets: tuple[torch.Tensor, torch.Tensor] | None = None
-
-
-def _as_bytes(values: torch.Tensor) -> torch.Tensor:
-    """int64 values as 8 uint8 columns (little-endian), to store beside uint8 images."""
-    return values.to(torch.int64).contiguous().view(torch.uint8).view(-1, 8)
-
-
-def _from_bytes(columns: torch.Tensor) -> torch.Tensor:
-    return columns.contiguous().view(torch.int64).view(-1)
 
 
 class Method(ABC):
@@ -88,13 +75,6 @@ class Method(ABC):
         """
         from b2kd.pool.paid import load_or_sample_private, load_or_synthesise, pay
 
-        anchored = None
-        if self.source == "generator" and self.cfg.anchor_share > 0:
-            anchored = self.acquire_anchored(acq)
-            acq = replace(acq, budget=acq.budget - len(anchored[0]))
-        n_mix = round(self.cfg.mixup_share * acq.budget) if self.source == "generator" else 0
-        if n_mix:
-            acq = replace(acq, budget=acq.budget - n_mix)
         if self.source == "local":  # distill() has checked that local images were given
             images = load_or_sample_private(acq.private, acq.budget, acq.seed, acq.out / "pool.pt",
                                             copies=self.cfg.transfer_copies)
@@ -108,42 +88,8 @@ class Method(ABC):
         else:
             images = load_or_synthesise(acq.generator, acq.budget, acq.seed, acq.out / "pool.pt")
             responses = pay(acq.teacher, images, acq.query_batch, acq.on_paid)
-        if n_mix:
-            from b2kd.pool.mixup import mixup_pool
-
-            mixed = mixup_pool(acq, images, responses, n_mix, self.cfg.balance_candidates,
-                               self.cfg.balance_fit_steps)
-            images, responses = torch.cat([images, mixed[0]]), torch.cat([responses, mixed[1]])
-        if anchored is not None:
-            images, responses = torch.cat([images, anchored[0]]), torch.cat([responses, anchored[1]])
         if acq.setup is not None:  # paid during deprivatization: free to train on
             images, responses = torch.cat([images, acq.setup[0]]), torch.cat([responses, acq.setup[1]])
-        return images, responses
-
-    def acquire_anchored(self, acq: Acquisition) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pay for ``anchor_share`` of the budget around inverted private images (b2kd.pool.anchored);
-        sets ``acq.anchor_targets`` (each anchor's neighbours' mean answer)."""
-        from b2kd.pool.anchored import anchor_targets, anchored_images, privacy_floor
-        from b2kd.blackbox import to_probs
-        from b2kd.pool.paid import load_or_draw, pay
-
-        if acq.anchors_from is None:
-            raise ValueError("distill.anchor_share needs the private images on the device, but none were given")
-        c = self.cfg
-        n = round(c.anchor_share * acq.budget)
-        floor = privacy_floor(acq.anchors_from, c.anchor_floor, seed=acq.seed)
-        def draw() -> torch.Tensor:
-            images, owner = anchored_images(acq.generator, acq.anchors_from, n, c.anchor_per, c.anchor_sd,
-                                            floor, acq.seed)
-            return torch.cat([images.flatten(1), _as_bytes(owner)], 1)  # one stored tensor, owner in its tail
-
-        key = f"anchored-sd{c.anchor_sd}-per{c.anchor_per}-floor{c.anchor_floor}"
-        stored = load_or_draw(acq.out / "pool-anchored.pt", n, acq.seed, key, draw)
-        shape = acq.teacher.image_shape
-        images = stored[:, :-8].reshape(len(stored), shape[0], shape[1], shape[2])
-        owner = _from_bytes(stored[:, -8:])
-        responses = pay(acq.teacher, images, acq.query_batch, acq.on_paid)
-        acq.anchor_targets = anchor_targets(owner, to_probs(responses, self.kind))
         return images, responses
 
     @torch.no_grad()
