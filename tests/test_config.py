@@ -59,6 +59,18 @@ def test_an_older_run_config_with_removed_options_loads_with_one_line(tmp_path, 
     assert "deprivatize.ema=0.999 (now always null)" in line and "deprivatize.select=\"score\"" in line
 
 
+def test_a_generator_made_when_anchored_pools_coral_and_mixup_existed_still_loads(tmp_path, caplog):
+    """Those three levers lost on dev and left the code; the GANs trained in between still serve."""
+    old = load_config().model_dump(mode="json")
+    old["distill"].update({"anchor_share": 0.0, "anchor_sd": 0.5, "anchor_floor": 0.05, "anchor_per": 4,
+                           "anchor_weight": 1.0, "coral_weight": 0.0, "mixup_share": 0.0})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    with caplog.at_level("WARNING", logger="b2kd"):
+        assert load_config(path) == load_config()
+    assert caplog.records == []
+
+
 def test_a_removed_option_asked_for_is_one_clear_error():
     with pytest.raises(ConfigError, match=r"deprivatize.ema is no longer an option: .* deprivatize.ema=null"):
         load_config(overrides=["deprivatize.ema=0.999"])

@@ -413,6 +413,13 @@ REMOVED: dict[str, Any] = {
     "distill.student_ema": None,
     "distill.balance_unsure": 0.5,
     "distill.balance_latent_sd": 1.0,
+    "distill.anchor_share": 0.0,
+    "distill.anchor_sd": ANY,
+    "distill.anchor_floor": ANY,
+    "distill.anchor_per": ANY,
+    "distill.anchor_weight": ANY,
+    "distill.coral_weight": 0.0,
+    "distill.mixup_share": 0.0,
 }
 _warned: set[tuple[str, str]] = set()
 
