@@ -251,3 +251,18 @@ def test_a_run_that_is_not_a_distill_run_is_refused(run, adapted, tmp_path):
         assert result.exit_code == 2
         assert_user_error(result, needle)
     assert not (tmp_path / "o").exists() and not (run / "adapt").exists()
+
+
+def test_a_malformed_config_yaml_is_one_line_and_no_traceback(run, tmp_path):
+    """Before: PyYAML's own 5-8 line message (a copy of the line and a caret) under 'error:'."""
+    import shutil
+
+    broken = tmp_path / "broken-run"
+    shutil.copytree(run / "checkpoints", broken / "checkpoints")
+    (broken / "config.yaml").write_text("seed: 0\ndistill:\n  budget: [1, 2\n  epochs: 3\n")
+    folder = write_folder(tmp_path / "l", *bars(15, 0))
+    result = invoke("adapt", broken, "--labelled", folder, "--shots", SHOTS, "--out", tmp_path / "o")
+    assert result.exit_code == 2
+    assert_user_error(result, f"{broken / 'config.yaml'}:", "not valid YAML")
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1, result.stderr
+    assert not (tmp_path / "o").exists()

@@ -23,17 +23,16 @@ from typing import Any, Self
 
 import numpy as np
 import pytest
-import torch
 from hostile import METADATA, answer, refuse, request_of, uniform
 from served import ThreadServer, images, toy_model
-from test_cli import assert_user_error, invoke, ledger_rows
+from test_cli import assert_ok, assert_user_error, invoke, ledger_rows
 from toy import make_toy
 
 from b2kd.blackbox import BlackBoxError, QuotaExceeded, TeacherUnavailable
 from b2kd.blackbox.protocol import HEADER_LENGTH
 from b2kd.blackbox.validate import InvalidAnswer
 from b2kd.core.config import TeacherConfig
-from b2kd.edge import BlackBoxTeacher, Ledger
+from b2kd.edge import BlackBoxTeacher, Ledger, image_hashes
 from b2kd.edge.client import HTTPTeacher, longest_wait_s
 from b2kd.edge.teacher import MixedProviders
 
@@ -334,6 +333,28 @@ def test_a_binary_request_refused_is_tried_as_json_and_the_run_goes_on_in_json(c
     assert len(warned) == 1 and "HTTP 400" in warned[0] and "teacher.binary=false" in warned[0]
 
 
+def test_a_binary_request_answered_500_is_tried_once_as_json_at_once_not_retried(tmp_path):
+    """Before: MLServer (no binary extension) answered HTTP 500 to binary requests, retried 6 times
+    over ~35 s, ending in a truncated server traceback and no hint of teacher.binary=false."""
+    kinds = []
+
+    def json_only(body, headers):
+        binary = headers.get(HEADER_LENGTH) is not None
+        kinds.append("binary" if binary else "json")
+        if binary:
+            return 500, {"Content-Type": "application/json"}, b'{"error": "Traceback (most recent call last)'
+        request_id, x = request_of(body, headers)
+        return answer(request_id, uniform(len(x)), binary=False)
+
+    with Scripted(replying(json_only)) as server, HTTPTeacher(server.url, **{**FAST, "backoff": 5.0}) as backend:
+        teacher = BlackBoxTeacher(backend, Ledger(tmp_path / "ledger.sqlite"))
+        start = time.monotonic()
+        teacher.query(images(4))
+        assert time.monotonic() - start < SLACK  # no backoff of 5 s: the JSON try comes at once
+        assert backend.binary is False and teacher.ledger.count() == 4
+    assert kinds == ["binary", "json"]
+
+
 def test_a_refusal_json_does_not_change_ends_with_the_json_answer_and_binary_stays():
     with Scripted(replying(lambda b, h: refuse(400, error="bad input"))) as server:
         with HTTPTeacher(server.url, **FAST) as backend:
@@ -411,6 +432,60 @@ def test_an_old_ledger_migrates_its_answers_provider_unknown(tmp_path):
         assert db.execute("SELECT provider FROM queries ORDER BY id").fetchall() == [(None,), (1,), (1,)]
 
 
+def test_the_shared_cache_records_each_answers_provider_and_refuses_another_providers(tmp_path):
+    """Before: the shared ledger (teacher.shared_cache) kept no provider, so a run against another
+    teacher was served the first teacher's answers from it, silently."""
+    from b2kd.edge.cache import SharedCache
+
+    shared = tmp_path / "shared.sqlite"
+    with Scripted(rows(uniform)) as first, HTTPTeacher(first.url, **FAST) as backend, Ledger(shared) as cache:
+        BlackBoxTeacher(SharedCache(backend, cache), Ledger(tmp_path / "a.sqlite")).query(images(4))
+        assert cache.providers() == [backend.provider]
+    with Scripted(rows(uniform)) as other, HTTPTeacher(other.url, **FAST) as backend, Ledger(shared) as cache:
+        with pytest.raises(MixedProviders) as caught:
+            SharedCache(backend, cache)
+        line = one_line(caught.value)
+        assert "shared ledger (teacher.shared_cache)" in line and "teacher.allow_mixed_providers=true" in line
+        assert first.url in line and other.url in line
+        assert other.infers == 0  # refused before anything was sent
+        mixed = BlackBoxTeacher(SharedCache(backend, cache, allow_mixed_providers=True),
+                                Ledger(tmp_path / "b.sqlite"), allow_mixed_providers=True)
+        mixed.query(images(4, seed=1))
+        assert len(cache.providers()) == 2 and cache.count() == 8
+
+
+def test_a_run_whose_shared_cache_holds_another_providers_answers_is_refused_before_a_query(tmp_path):
+    from b2kd.core.config import load_config
+    from b2kd.edge.connect import open_teacher
+
+    shared = tmp_path / "shared.sqlite"
+    with Scripted(rows(uniform)) as first, HTTPTeacher(first.url, **FAST) as backend, Ledger(shared) as cache:
+        BlackBoxTeacher(backend, cache).query(images(2))
+    with Scripted(rows(uniform)) as other:
+        cfg = load_config(None, None, [f"teacher.url={other.url}", f"teacher.shared_cache={shared}", *FAST_CONFIG])
+        with pytest.raises(MixedProviders, match=r"the shared ledger \(teacher.shared_cache\)"):
+            open_teacher(cfg, tmp_path / "run", "soft", 10, "distill")
+        assert other.infers == 0
+
+
+def test_an_old_shared_cache_migrates_its_answers_provider_unknown(tmp_path):
+    path = tmp_path / "old-shared.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(OLD_SCHEMA)
+        hashes = image_hashes(images(1))
+        db.execute("INSERT INTO queries (hash, kind, bytes_sent, bytes_received, response, shape, stage,"
+                   " created) VALUES (?, 'soft', 784, 40, ?, '1x28x28', 'shared', 0)",
+                   (hashes[0], uniform(1)[0].tobytes()))
+    from b2kd.edge.cache import SharedCache
+
+    with Scripted(rows(uniform)) as server, HTTPTeacher(server.url, **FAST) as backend, Ledger(path) as cache:
+        teacher = BlackBoxTeacher(SharedCache(backend, cache), Ledger(tmp_path / "run.sqlite"))
+        teacher.query(images(3))  # the old answer is served; two new ones paid
+        assert server.infers == 1 and cache.count() == 3 and teacher.ledger.count() == 3
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT provider FROM queries ORDER BY id").fetchall() == [(None,), (1,), (1,)]
+
+
 # --- through the CLI -----------------------------------------------------------------------------
 
 
@@ -435,6 +510,40 @@ def test_distill_against_a_hanging_provider_exits_in_one_line_within_the_bound(t
     assert ledger_rows(tmp_path / "run" / "ledger.sqlite") == []
 
 
+def test_a_missing_teacher_checkpoint_beside_a_url_is_one_line_before_any_query(toy, tmp_path):
+    """Before: a --teacher kept only to evaluate against was looked for after the pool was paid
+    and the student trained (600 queries paid, then 'checkpoint not found')."""
+    with Scripted(rows(uniform)) as server:
+        result = distill(toy, tmp_path / "run", server.url, "--teacher", tmp_path / "missing.pt")
+    assert_user_error(result, "missing.pt")
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
+    assert server.infers == 0 and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_distill_against_each_hostile_provider_exits_in_one_line_within_the_bound(toy, tmp_path, case):
+    """Every case through `b2kd distill`: exit 2, one `error:` line, within the request's bound
+    (plus loading the toy run), nothing invalid recorded; an answer that arrived and was refused is
+    counted, and so the run's directory is kept (before: a refused first answer was undone with it)."""
+    act, needle, arrived = HOSTILE[case]
+    with Scripted(act) as server:
+        start = time.monotonic()
+        result = distill(toy, tmp_path / "run", server.url)
+        elapsed = time.monotonic() - start
+    print(f"distill, {case}: {elapsed:.2f} s, {server.infers} requests")
+    assert result.exit_code == 2
+    assert_user_error(result)
+    (line,) = [line for line in result.stderr.splitlines() if line.strip()]
+    assert re.search(needle, line), line
+    assert elapsed <= TOTAL + 2 * SLACK
+    assert ledger_rows(tmp_path / "run" / "ledger.sqlite") == []
+    if arrived:
+        with Ledger(tmp_path / "run" / "ledger.sqlite") as ledger:
+            assert ledger.invalid_ids() == [] and ledger.totals()["refused_answers"] > 0
+    else:
+        assert not (tmp_path / "run").exists()  # refused before any answer: nothing left behind
+
+
 def test_distill_against_valid_then_invalid_answers_keeps_and_counts_them(toy, tmp_path):
     calls = []
 
@@ -452,3 +561,79 @@ def test_distill_against_valid_then_invalid_answers_keeps_and_counts_them(toy, t
         totals = ledger.totals()
         assert ledger.invalid_ids() == []
     assert totals["refused_answers"] == 16 and totals["refused_bytes"] > 0
+
+
+def test_the_report_shows_the_answers_received_and_refused_beside_those_paid(toy, tmp_path):
+    """Before: answers the provider computed (and bills) but b2kd refused were in no report."""
+    calls = []
+
+    def infer(body, headers):
+        request_id, x = request_of(body, headers)
+        calls.append(len(x))
+        return answer(request_id, negative(len(x)) if len(calls) == 3 else uniform(len(x)))
+
+    run = tmp_path / "run"
+    with Scripted(replying(infer), {**METADATA, "parameters": {"max_batch_size": 16}}) as server:
+        assert_user_error(distill(toy, run, server.url), "row 0")
+        assert_ok(distill(toy, run, server.url))  # resumed: the rest is paid, valid this time
+    report = (run / "report.md").read_text()
+    assert "queries: 200 (budget 200)" in report and "received and refused 16 answers" in report
+    assert '"refused_answers": 16' in (run / "report.json").read_text()
+
+
+@pytest.mark.parametrize("local_copy", [False, True], ids=["url-only", "with-local-copy"])
+def test_rerunning_an_out_against_another_provider_is_one_line_and_rewrites_nothing(toy, tmp_path, local_copy):
+    """Before: the second server's run silently reused the first's answers and rewrote teacher.url
+    in config.yaml. Without a local copy the run directory's check names the URL; with one (the URL
+    is then not compared) the ledger's provider check refuses."""
+    import hashlib
+
+    run = tmp_path / "run"
+    extra = ["--teacher", toy / "teacher.pt"] if local_copy else []
+    with Scripted(rows(uniform)) as first:
+        assert_ok(distill(toy, run, first.url, *extra))
+    before = {name: hashlib.sha256((run / name).read_bytes()).hexdigest() for name in ("config.yaml", "ledger.sqlite")}
+    with Scripted(rows(uniform)) as other:
+        start = time.monotonic()
+        result = distill(toy, run, other.url, *extra)
+        assert time.monotonic() - start < 10 + SLACK
+    needle = "holds answers from another provider" if local_copy else f"teacher.url: '{first.url}' -> '{other.url}'"
+    assert_user_error(result, needle)
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
+    assert other.infers == 0
+    assert before == {name: hashlib.sha256((run / name).read_bytes()).hexdigest() for name in before}
+    with Ledger(run / "ledger.sqlite") as ledger:
+        assert [p.url for p in ledger.providers()] == [first.url] and ledger.invalid_ids() == []
+
+
+FP32 = {**METADATA, "inputs": [{"name": "images", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]}
+
+
+def test_later_commands_inherit_the_provider_settings_stored_with_the_generators_run(toy, tmp_path):
+    """Before: teacher.url and teacher.input_preset had to be repeated on `b2kd distill` after
+    `b2kd deprivatize` (else 'no teacher given', or an FP32 input refused for want of a preset)."""
+    import yaml
+
+    gan, run = tmp_path / "gan", tmp_path / "run"
+    with Scripted(rows(uniform), FP32) as server:
+        assert_ok(invoke("deprivatize", "--config", toy / "toy.yaml", "--teacher-url", server.url,
+                         "--out", gan, "teacher.input_preset=unit", *FAST_CONFIG))
+        args = ["distill", "--config", toy / "toy.yaml", "--generator", gan / "generator.pt", "--out", run]
+        result = invoke(*args)
+        assert_ok(result)
+        inherited = [line for line in result.output.splitlines() if "inherited" in line]
+        assert len(inherited) == 1, result.output
+        assert f"teacher.url={server.url}" in inherited[0] and "teacher.input_preset=unit" in inherited[0]
+        assert str(gan / "config.yaml") in inherited[0]
+        stored = yaml.safe_load((run / "config.yaml").read_text())["teacher"]
+        assert (stored["url"], stored["input_preset"]) == (server.url, "unit") and "api_key" not in stored
+        with Ledger(run / "ledger.sqlite") as ledger:
+            assert [p.url for p in ledger.providers()] == [server.url] and ledger.count() == 200
+        assert_ok(invoke(*args))  # the same command again: the same settings, nothing to refuse
+        # a setting given wins over the stored one (here refused: the run holds answers of 'unit')
+        assert_user_error(invoke(*args, "teacher.input_preset=symmetric"),
+                          "teacher.input_preset: 'unit' -> 'symmetric'")
+        given = invoke(*args[:-1], tmp_path / "run2", "teacher.input_preset=symmetric")
+        assert_ok(given)
+        assert yaml.safe_load((tmp_path / "run2" / "config.yaml").read_text())["teacher"]["input_preset"] == "symmetric"
+        assert "teacher.input_preset" not in next(line for line in given.output.splitlines() if "inherited" in line)

@@ -58,6 +58,7 @@ CHANGES = {
     "pool": (["distill.pool=balanced", "distill.balance_first=0.5"], ("distill.balance_first: ", "-> 0.5")),
     "response": (["--response", "hard"], ("distill.response: 'soft' -> 'hard'",)),
     "val_fraction": (["distill.val_fraction=0.1"], ("distill.val_fraction: ", "-> 0.1")),
+    "tau": (["distill.tau=2.5"], ("distill.tau: ", "-> 2.5")),
 }
 
 
@@ -189,3 +190,39 @@ def test_a_run_refused_after_opening_the_teacher_leaves_nothing_behind(toy, tmp_
                     "--generator", tmp_path / "generator-32.pt", "--out", out)
     assert_user_error(result, "but the teacher takes")
     assert not (tmp_path / "nested").exists()
+
+
+def test_provider_settings_not_given_are_inherited_by_the_rules(tmp_path):
+    """The run's own config.yaml decides before the generator's; a setting given is kept; the URL
+    only when no teacher is named; the rest only for a served teacher; never the API key."""
+    import yaml
+
+    from b2kd.core.config import ConfigError, load_config, save_config
+    from b2kd.core.run_dir import inherit_provider
+
+    def stored(name: str, **teacher) -> Path:
+        save_config(load_config(None, None, [f"teacher.{k}={v}" for k, v in teacher.items()]),
+                    tmp_path / name / "config.yaml")
+        return tmp_path / name
+
+    gan = stored("gan", url="http://h:1/v2/models/t", input_preset="mnist", output="logits", binary=False)
+    tree = yaml.safe_load((gan / "config.yaml").read_text())
+    tree["teacher"]["api_key"] = "sk-leaked"  # even a hand-edited key is not taken
+    (gan / "config.yaml").write_text(yaml.safe_dump(tree))
+    lines: list[str] = []
+    cfg = load_config(None, None, ["teacher.output=probabilities"])
+    assert inherit_provider(cfg, [tmp_path / "new", gan], lines.append) == {
+        "url": "http://h:1/v2/models/t", "input_preset": "mnist", "binary": False}
+    assert cfg.teacher.api_key is None and cfg.teacher.output == "probabilities" and len(lines) == 1
+    local = load_config(None, None, ["teacher.checkpoint=t.pt"])  # a named checkpoint: no URL taken
+    assert inherit_provider(local, [gan], lines.append) == {} and local.teacher.url is None
+    resumed = stored("run", url="http://h:2/v2/models/t", input_preset="unit")  # its own run first
+    cfg = load_config(None, None, [])
+    assert inherit_provider(cfg, [resumed, gan], lines.append) == {  # binary: the run's own (true)
+        "url": "http://h:2/v2/models/t", "input_preset": "unit"}
+    (gan / "config.yaml").write_text(yaml.safe_dump({"teacher": {"input_preset": 7}}))
+    with pytest.raises(ConfigError, match=r"gan/config.yaml: teacher.input_preset: "):
+        inherit_provider(load_config(None, None, ["teacher.url=http://h:1"]), [gan])
+    (gan / "config.yaml").write_text("teacher: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"cannot read .*gan/config.yaml \(\w+\); it records the teacher"):
+        inherit_provider(load_config(None, None, []), [tmp_path / "new", gan])

@@ -14,10 +14,9 @@ import torch
 from served import ThreadServer, images, raw_head, raw_request, read_status, toy_model
 
 from b2kd.blackbox import LocalBackend, QuotaExceeded
-
+from b2kd.blackbox.protocol import HEADER_LENGTH, Tensor, encode
 from b2kd.edge import BlackBoxTeacher, Ledger
 from b2kd.edge.client import HTTPTeacher
-from b2kd.blackbox.protocol import HEADER_LENGTH, Tensor, encode
 
 KEY, OTHER = "sk-test-key", "sk-other-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -510,3 +509,29 @@ def test_one_address_cannot_hold_every_connection(model, tmp_path):
             records = wait_for_log(log, lambda r: r["status"] == 503 and r["client"] == "127.0.0.2")
         assert len(records) == flood - allowed
         assert "holds 25 connections" in records[0]["error"]
+
+
+def test_serve_max_connections_per_address_sets_the_per_address_limit_of_b2kd_serve(model, tmp_path):
+    """serve.max_connections_per_address reaches `b2kd serve`: with 2, an address's third
+    connection is a 503 at once, counted in /metrics and the access log (default: a quarter of
+    max_connections, 250, so three connections were all held)."""
+    from b2kd.core.checkpoint import save_classifier
+    from b2kd.provider.serve import ServedTeacher
+
+    save_classifier(model, tmp_path / "teacher.pt", dataset="npz", image_size=28)
+    with ServedTeacher(tmp_path / "teacher.pt", tmp_path / "server",
+                       overrides=("serve.max_connections_per_address=2",)) as server:
+        socks = [socket.create_connection(("127.0.0.1", server.port), timeout=10,
+                                          source_address=("127.0.0.2", 0)) for _ in range(3)]
+        try:
+            assert read_status(socks[2]) == 503  # answered at once, not after the head timeout
+            with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=10) as c:
+                assert c.get("/v2/health/ready").status_code == 200  # another address is served
+                assert metric(c, 'b2kd_refusals_total{reason="connections_per_address"}') == 1
+                assert metric(c, 'b2kd_http_requests_total{endpoint="unmatched",status="503"}') == 1
+        finally:
+            for sock in socks:
+                sock.close()
+        records = wait_for_log(tmp_path / "server" / "access.log",
+                               lambda r: r["status"] == 503 and r["client"] == "127.0.0.2")
+        assert len(records) == 1 and "holds 2 connections" in records[0]["error"]

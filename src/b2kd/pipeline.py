@@ -19,7 +19,12 @@ from b2kd.core.checkpoint import CheckpointError
 from b2kd.core.config import Config, ConfigError
 from b2kd.core.engine import short_run_warning
 from b2kd.core.progress import QueryProgress
-from b2kd.core.run_dir import check_ledger, load_run_config, nothing_left_if_refused
+from b2kd.core.run_dir import (
+    check_ledger,
+    inherit_provider,
+    load_run_config,
+    nothing_left_if_refused,
+)
 from b2kd.core.runtime import fast_layout, prepare_run, start_run
 from b2kd.data.edge_sets import edge_dev_set, edge_private_images
 from b2kd.distill.methods import get_method
@@ -100,6 +105,7 @@ def run_deprivatize(cfg: Config, out: str | Path, log=print) -> dict:
 
     out, device = prepare_run(cfg, out, "deprivatize")
     with nothing_left_if_refused(out, distributed.is_main()):
+        inherit_provider(cfg, [out], log if distributed.is_main() else _quiet)  # a resumed run's
         check_teacher_inputs(cfg, out)
         private = edge_private_images(cfg)
         start_run(cfg, out, "deprivatize", {"teacher.checkpoint": cfg.teacher.checkpoint})
@@ -121,10 +127,22 @@ def run_deprivatize(cfg: Config, out: str | Path, log=print) -> dict:
 
 
 def run_distill(cfg: Config, out: str | Path, log=print) -> dict:
-    """Pay for the pool and train the student; a run refused before its first query leaves nothing."""
+    """Pay for the pool and train the student; a run refused before its first query leaves nothing.
+
+    The served teacher's settings not given are inherited (``cfg.teacher`` is updated): from a
+    resumed run's own config.yaml, else from the generator's run directory."""
     out, device = prepare_run(cfg, out, "distill")
     with nothing_left_if_refused(out, distributed.is_main()):
+        inherit_provider(cfg, _provider_sources(cfg, out), log if distributed.is_main() else _quiet)
         return _distill_run(cfg, out, device, log)
+
+
+def _provider_sources(cfg: Config, out: Path) -> list[Path]:
+    """Where a distillation's provider settings were stored: its own run, then its generator's."""
+    sources = [out]
+    if cfg.deprivatize.generator and get_method(cfg.distill.method).source == "generator":
+        sources.append(Path(cfg.deprivatize.generator).parent)
+    return sources
 
 
 def _gan_inputs(cfg: Config, method, device: torch.device):

@@ -315,6 +315,10 @@ class ServeConfig(_Section):
         description="A request's head, and its body, must arrive within this many seconds")
     max_connections: int = Field(
         1000, ge=1, description="Connections and requests in flight (503 beyond)")
+    max_connections_per_address: int | None = Field(
+        None, ge=1,
+        description="Connections one client address may hold (503 beyond, counted in /metrics; None: a "
+                    "quarter of max_connections)")
     auth_failures: int = Field(
         10, ge=1, description="Failed authentications per address at once, then one a second")
 

@@ -17,6 +17,11 @@ the keys a stage never reads (a distillation does not read the GAN's epochs), an
 when both runs name a local copy of it (the copy's SHA-256 names the teacher; the demo serves it
 on a new port each time). A key the stored config lacks is an option added to b2kd since.
 
+A served teacher's settings (:data:`PROVIDER_KEYS`: its URL, input scaling, output form, wire
+format) are stored with a run; a later command inherits the ones it is not given
+(:func:`inherit_provider`): a resumed run from its own ``config.yaml``, a distillation from its
+generator's run directory. The API key is never stored, so never inherited.
+
 The rest of this module checks what a run needs before its first query (an ``--out`` that can be
 written, a ledger SQLite can read) and leaves a refused run's directory as it found it.
 """
@@ -34,8 +39,9 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
-from b2kd.core.config import Config, ConfigError, load_config, save_config
+from b2kd.core.config import Config, ConfigError, TeacherConfig, load_config, save_config
 from b2kd.core.config_diff import differences, flatten
 
 #: The teacher settings a stage that queries it depends on (not the ones that trained it).
@@ -54,6 +60,9 @@ STAGE_IGNORED: dict[str, frozenset[str]] = {
     "deprivatize": frozenset({"data.dev_size"}),
     "distill": frozenset({"data.dev_size", "distill.thin_class_factor"}),
 }
+#: A served teacher's settings, stored with each run; later commands inherit those they are not given.
+PROVIDER_KEYS = ("url", "input_preset", "input_scale", "input_mean", "input_std", "output", "binary",
+                 "embedding_output")
 INPUTS_FILE = "inputs.json"
 MAX_LISTED = 4
 
@@ -123,6 +132,62 @@ def run_differences(cfg: Config, out: Path, stage: str,
         return []
     found = differences(stored, cfg, STAGE_KEYS[stage], _ignored(stage, cfg, stored))
     return found + _input_differences(_stored_inputs(out), inputs or {})
+
+
+def _stored_provider(run_dir: Path, own: bool) -> dict:
+    """The provider settings DIR/config.yaml holds (checked as TeacherConfig checks them); {} if none.
+    ``own``: DIR is this run's --out (an unreadable config is refused as check_same_run does)."""
+    try:
+        tree = _stored_tree(run_dir)
+    except ConfigError as exc:
+        if own:
+            raise
+        why = str(exc).split(";")[0]
+        raise ConfigError(f"{why}; it records the teacher the run in {run_dir} queried: restore it,"
+                          " or give the teacher's settings and move it away") from None
+    stored = tree.get("teacher") if tree is not None else None
+    if not isinstance(stored, dict):
+        return {}
+    found = {k: v for k, v in stored.items() if k in PROVIDER_KEYS}
+    try:
+        TeacherConfig.model_validate(found)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        raise ConfigError(f"{run_dir / 'config.yaml'}: teacher.{'.'.join(map(str, problem['loc']))}:"
+                          f" {problem['msg']}; restore it, or give the teacher's settings") from None
+    return found
+
+
+def inherit_provider(cfg: Config, sources: list[Path], log=print) -> dict[str, object]:
+    """Give ``cfg.teacher`` the provider settings it was not given, from the runs in ``sources``
+    (directories, this run's --out first; the first whose config.yaml holds a key decides it);
+    one line says which.
+
+    A setting given (on the command line, in --config, or set in code) is kept, whatever the
+    runs hold: the ledger's provider check then decides whether answers may mix. ``teacher.url``
+    is inherited only when no teacher is named at all (neither a URL nor a checkpoint), the other
+    settings only when the run queries a served teacher. {key: value} of what was inherited."""
+    teacher, given = cfg.teacher, cfg.teacher.model_fields_set
+    decided: dict[str, tuple[object, Path]] = {}
+    for i, source in enumerate(sources):
+        for key, value in _stored_provider(source, own=i == 0).items():
+            decided.setdefault(key, (value, source))
+    now = teacher.model_dump(mode="json")
+    taken: dict[str, tuple[object, Path]] = {}
+    if "url" in decided and not {"url", "checkpoint"} & given and decided["url"][0] != now["url"]:
+        taken["url"] = decided["url"]
+    if teacher.url or "url" in taken:
+        taken.update({k: found for k, found in decided.items()
+                      if k != "url" and k not in given and found[0] != now[k]})
+    for key, (value, _) in taken.items():
+        setattr(teacher, key, value)
+    if taken:
+        by_source: dict[Path, list[str]] = {}
+        for key, (value, source) in taken.items():
+            by_source.setdefault(source, []).append(f"teacher.{key}={value}")
+        log("provider settings not given, inherited: " + "; ".join(
+            f"{', '.join(keys)} (from {source / 'config.yaml'})" for source, keys in by_source.items()))
+    return {key: value for key, (value, _) in taken.items()}
 
 
 def check_same_run(cfg: Config, out: Path, stage: str,
@@ -208,14 +273,21 @@ def check_ledger(path: Path) -> None:
 
 
 def ledger_rows(path: Path) -> int:
-    """Rows of a ledger (0 when there is none or it has no table yet)."""
+    """Rows of a ledger: answers paid, and answers received and refused (a provider bills those
+    too, so a run that met one made something); 0 when there is none or it has no table yet."""
     if not path.exists():
         return 0
+    rows = 0
     try:
         with closing(sqlite3.connect(path, timeout=30)) as db:
-            return int(db.execute("SELECT COUNT(*) FROM queries").fetchone()[0])
+            for table in ("queries", "refused"):
+                try:
+                    rows += int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+                except sqlite3.Error:
+                    pass  # not there yet (a ledger older than the table, or not a ledger)
     except sqlite3.Error:
         return 0
+    return rows
 
 
 class Attempt:

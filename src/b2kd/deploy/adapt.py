@@ -29,6 +29,7 @@ from b2kd import __version__
 from b2kd.core.checkpoint import CheckpointError, atomic_save, read, save_classifier
 from b2kd.core.config import Config, ConfigError, load_config, save_config
 from b2kd.core.metrics import accuracy, per_class_accuracy, predict
+from b2kd.core.run_dir import check_yaml, load_run_config
 from b2kd.core.runtime import hardware, setup
 from b2kd.data import load_dataset
 from b2kd.data.edge_sets import edge_private_images
@@ -58,6 +59,7 @@ def load_adapt_config(run_dir: str | Path, options: dict | None = None,
                       overrides: list[str] | None = None) -> Config:
     """The run's own config.yaml, then the adapt options and overrides on top."""
     student_checkpoint(run_dir)
+    check_yaml(Path(run_dir) / "config.yaml")  # malformed: one line (file:line:column), no traceback
     return load_config(Path(run_dir) / "config.yaml", options, overrides)
 
 
@@ -177,7 +179,7 @@ def adapt_run(run_dir: str | Path, labelled: str | Path, shots: int, out: str | 
     """
     run_dir = Path(run_dir)
     checkpoint = student_checkpoint(run_dir)
-    cfg = (cfg or load_config(run_dir / "config.yaml")).model_copy(deep=True)
+    cfg = (cfg or load_run_config(run_dir)).model_copy(deep=True)
     if labelled is None:
         raise ConfigError("adapt needs --labelled PATH: a folder of class folders, or an .npz")
     if shots is None or shots < 1:

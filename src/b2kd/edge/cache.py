@@ -11,6 +11,13 @@ Several runs may use one shared ledger at the same time (``b2kd bench --ray`` ru
 cells in parallel, on several processes or machines): looking an image up, paying
 for it and recording it happen under one file lock beside the ledger, so an image
 is paid once whichever run asks first, and the others read its answer.
+
+Like a run's ledger, the shared one records the provider of each answer (URL, model name and
+version, response kind; :class:`b2kd.blackbox.base.Provider`): a shared ledger holding answers
+from another teacher than the one now queried is refused with one line before anything is
+sent, unless mixing is allowed (``teacher.allow_mixed_providers``). A shared ledger written
+before providers were recorded migrates when opened; its answers' provider is unknown and
+not counted as another's.
 """
 
 from __future__ import annotations
@@ -20,13 +27,21 @@ from filelock import FileLock, Timeout
 
 from b2kd.blackbox.base import Backend, BackendAnswer, TeacherUnavailable
 from b2kd.edge.ledger import Ledger, image_hashes
+from b2kd.edge.teacher import provider_of, refuse_mixed
 
 
 class SharedCache:
     def __init__(self, backend: Backend, ledger: Ledger, stage: str = "shared",
-                 lock_timeout_s: float = 3600.0):
+                 lock_timeout_s: float = 3600.0, allow_mixed_providers: bool = False):
+        """``allow_mixed_providers`` (teacher.allow_mixed_providers) lets ``ledger`` hold, and
+        serve, answers from another provider than ``backend``'s."""
         self.backend = backend
         self.ledger = ledger
+        self.provider = provider_of(backend)  # who answers; recorded with every answer paid
+        self.allow_mixed_providers = allow_mixed_providers
+        if self.provider is not None and not allow_mixed_providers:
+            refuse_mixed(ledger, self.provider, "shared ledger (teacher.shared_cache)",
+                         "use another teacher.shared_cache")
         # held while one run pays: a wait past the timeout means a run is stuck, not busy
         self._lock = FileLock(f"{ledger.path}.lock", timeout=lock_timeout_s)
         self.stage = stage
@@ -50,7 +65,7 @@ class SharedCache:
                     answer = self.backend.infer(images[new])
                     new_hashes = [hashes[i] for i in new]
                     self.ledger.record(new_hashes, images[new], answer.responses, kind, answer.bytes_sent,
-                                       answer.bytes_received, self.stage, answer.embeddings)
+                                       answer.bytes_received, self.stage, answer.embeddings, self.provider)
                     for j, h in enumerate(new_hashes):
                         known[h] = (answer.responses[j].float().cpu(), answer.bytes_sent[j],
                                     answer.bytes_received[j])

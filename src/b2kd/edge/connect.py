@@ -49,7 +49,13 @@ def open_teacher(cfg: Config, run_dir: Path, response: str, budget: int | None, 
     else:
         backend = LocalBackend.from_checkpoint(teacher_checkpoint(cfg), kind)
     if cfg.teacher.shared_cache:
-        backend = SharedCache(backend, Ledger(cfg.teacher.shared_cache), stage)
+        shared = Ledger(cfg.teacher.shared_cache)
+        try:  # refused when it holds another provider's answers: the client and the ledger close
+            backend = SharedCache(backend, shared, stage, allow_mixed_providers=cfg.teacher.allow_mixed_providers)
+        except BaseException:
+            shared.close()
+            getattr(backend, "close", lambda: None)()
+            raise
     return BlackBoxTeacher(backend, Ledger(run_dir / "ledger.sqlite"), budget=budget, stage=stage,
                            allow_mixed_providers=cfg.teacher.allow_mixed_providers)
 

@@ -15,7 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from b2kd.blackbox.base import Backend, BlackBoxError, BudgetExceeded, Provider, QuotaExceeded, Refused
+from b2kd.blackbox.base import (
+    Backend,
+    BlackBoxError,
+    BudgetExceeded,
+    Provider,
+    QuotaExceeded,
+    Refused,
+)
 from b2kd.blackbox.validate import InvalidAnswer
 from b2kd.edge.ledger import Ledger, image_hashes
 
@@ -36,14 +43,16 @@ def provider_of(backend: object) -> Provider | None:
     return None
 
 
-def refuse_mixed(ledger: Ledger, provider: Provider) -> None:
-    """A clear refusal when ``ledger`` holds answers from another teacher than ``provider``."""
+def refuse_mixed(ledger: Ledger, provider: Provider, what: str = "ledger",
+                 instead: str = "use a new --out") -> None:
+    """A clear refusal when ``ledger`` holds answers from another teacher than ``provider``
+    (``what``: the ledger's role in the line; ``instead``: the other way out it names)."""
     others = ledger.other_providers(provider)
     if others:
         named = ", ".join(str(p) for p in others[:3]) + (" and more" if len(others) > 3 else "")
         raise MixedProviders(
-            f"the ledger {ledger.path} holds answers from another provider ({named}) than the teacher"
-            f" now queried ({provider}); a run's answers come from one teacher: use a new --out, or set"
+            f"the {what} {ledger.path} holds answers from another provider ({named}) than the teacher"
+            f" now queried ({provider}); a run's answers come from one teacher: {instead}, or set"
             " teacher.allow_mixed_providers=true to mix them")
 
 

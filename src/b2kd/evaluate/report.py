@@ -10,6 +10,15 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
+def _refused(result: dict) -> str:
+    """Beside what was paid: the answers that arrived and were refused (a provider bills them too)."""
+    refused = result.get("refused_answers") or 0
+    if not refused:
+        return ""
+    return (f"; received and refused {refused} answers ({result.get('refused_bytes', 0) / 1e6:.2f} MB,"
+            " not in the pool: invalid, malformed or too large)")
+
+
 def write_report(run_dir: str | Path, result: dict) -> None:
     run_dir = Path(run_dir)
     (run_dir / "report.json").write_text(json.dumps(result, indent=2))
@@ -20,7 +29,7 @@ def write_report(run_dir: str | Path, result: dict) -> None:
         (
             f"- queries: {result.get('queries', '-')} (budget {result.get('budget', '-')}),"
             f" sent {result.get('bytes_sent', 0) / 1e6:.2f} MB,"
-            f" received {result.get('bytes_received', 0) / 1e6:.2f} MB"
+            f" received {result.get('bytes_received', 0) / 1e6:.2f} MB{_refused(result)}"
         ),
         f"- private images sent: {result.get('private_images_sent', '-')}",
         f"- hardware: {result.get('hardware', '-')}",

@@ -70,7 +70,8 @@ def serve(cfg: Config, log=print) -> None:
         access_log=out / "access.log", secret=secret,
         metrics_key=s.metrics_key or os.environ.get("B2KD_METRICS_KEY") or None,
         replay_ttl_s=s.replay_ttl_s, replay_per_key=s.replay_per_key, read_timeout_s=s.read_timeout_s,
-        max_connections=s.max_connections, auth_failures=s.auth_failures,
+        max_connections=s.max_connections, max_connections_per_address=s.max_connections_per_address,
+        auth_failures=s.auth_failures,
         key_outputs=parse_key_outputs(s.key_outputs),
     )
     try:
