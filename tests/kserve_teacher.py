@@ -8,7 +8,9 @@ provider would, under four model names:
   answers probabilities;
 - ``fp16``: the same with FP16 inputs;
 - ``fixed4``: FP32 input with a fixed batch dimension ``[4, 1, 28, 28]``;
-- ``logits``: UINT8 input, answers the network's logits (not probabilities).
+- ``logits``: UINT8 input, answers the network's logits (not probabilities);
+- ``untyped``: as ``fp32``, but, as a custom model that does not override its input types,
+  its metadata lists no input (``"inputs": []``).
 
 kserve sends ``"parameters": null`` on JSON outputs and answers 501 to versioned URLs.
 """
@@ -51,10 +53,16 @@ class Served(Model):
         return InferResponse(payload.id, self.name, [result], use_binary_outputs=binary)
 
 
+class Untyped(Served):
+    def get_input_types(self) -> list[dict]:
+        return Model.get_input_types(self)
+
+
 def main(checkpoint: str, port: int) -> None:
     net, _ = load_classifier(checkpoint)
     models = [Served("fp32", net, "FP32", -1, False), Served("fp16", net, "FP16", -1, False),
-              Served("fixed4", net, "FP32", 4, False), Served("logits", net, "UINT8", -1, True)]
+              Served("fixed4", net, "FP32", 4, False), Served("logits", net, "UINT8", -1, True),
+              Untyped("untyped", net, "FP32", -1, False)]
     ModelServer(http_port=port, enable_grpc=False, workers=1).start(models)
 
 

@@ -21,7 +21,8 @@ from toy import make_toy
 
 from b2kd.blackbox import BlackBoxError, LocalBackend
 from b2kd.edge import BlackBoxTeacher, Ledger, image_hashes
-from b2kd.edge.client import HTTPTeacher, retry_after, split_url
+from b2kd.blackbox.protocol import ProtocolError
+from b2kd.edge.client import HTTPTeacher, InputOverride, retry_after, split_url
 from b2kd.pool.paid import pay
 from b2kd.provider.keys import key_id, load_secret
 from b2kd.provider.serve import ServedTeacher
@@ -61,6 +62,31 @@ def test_urls_and_retry_after_are_understood():
     for header, low, high in (("3", 3, 3), ("0.5", 0.5, 0.5), (later, 25, 30), ("soon", None, None)):
         waited = retry_after(httpx.Response(429, headers={"Retry-After": header}))
         assert (waited is None) if low is None else low <= waited <= high, header
+
+
+def test_the_image_input_is_the_metadatas_unless_the_user_names_it():
+    spec = HTTPTeacher._input_spec
+    one = {"inputs": [{"name": "x", "datatype": "UINT8", "shape": [-1, 1, 28, 28]}]}
+    assert spec(one, InputOverride()) == ("x", "UINT8", None, (1, 28, 28))
+    # a wrong datatype and a fixed batch in the metadata, corrected one key at a time
+    fixed = {"inputs": [{"name": "x", "datatype": "BYTES", "shape": [8, 1, 28, 28]}]}
+    assert spec(fixed, InputOverride(datatype="FP16")) == ("x", "FP16", 8, (1, 28, 28))
+    assert spec(fixed, InputOverride.checked(None, "FP32", [1, 28, 28])) == ("x", "FP32", None, (1, 28, 28))
+    named = InputOverride.checked("pixels", "FP32", [4, 3, 32, 32])
+    for empty in ({"inputs": []}, {}, {"inputs": None}):  # kserve's default, none, null
+        with pytest.raises(ProtocolError, match="metadata lists .* name it with teacher.input_name"):
+            spec(empty, InputOverride(name="pixels"))
+        assert spec(empty, named) == ("pixels", "FP32", 4, (3, 32, 32))
+    two = {"inputs": [{"name": "mask", "datatype": "BOOL", "shape": [-1, 1]}, one["inputs"][0]]}
+    with pytest.raises(ProtocolError, match="lists 2 inputs"):
+        spec(two, InputOverride())
+    assert spec(two, InputOverride(name="x")) == ("x", "UINT8", None, (1, 28, 28))
+    for bad, needle in (((None, "INT8", None), "input_datatype must be one of"),
+                        ((None, None, [0, 28, 28]), "input_shape must be"),
+                        ((None, None, [-2, 1, 28, 28]), "input_shape must be"),
+                        ((None, None, [1, 28]), "input_shape must be"), (("", None, None), "non-empty")):
+        with pytest.raises(BlackBoxError, match=needle):
+            InputOverride.checked(*bad)
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])

@@ -132,6 +132,25 @@ def test_clear_errors_for_an_unstated_preprocessing_and_a_versioned_url(kserve):
         HTTPTeacher(kserve + "/v2/models/fp32/versions/1", retries=50)
 
 
+def test_a_model_whose_metadata_lists_no_input_is_named_on_the_edge(kserve, model, toy, tmp_path):
+    url = kserve + "/v2/models/untyped"
+    assert httpx.get(url).json()["inputs"] == []  # kserve's default for a model that states none
+    with pytest.raises(BlackBoxError, match="lists 0 inputs; name it with teacher.input_name"):
+        HTTPTeacher(url, input_preset="symmetric")
+    x = images(40, seed=5)
+    with HTTPTeacher(url, input_preset="symmetric", input_name="pixels", input_datatype="FP32",
+                     input_shape=[1, 28, 28]) as backend:
+        assert backend.input_name == "pixels" and backend.fixed_batch is None
+        answer = backend.infer(x)
+    torch.testing.assert_close(answer.responses, LocalBackend(model).infer(x).responses, rtol=0, atol=1e-6)
+    out = tmp_path / "run"
+    result = invoke("distill", "--config", toy / "toy.yaml", "--teacher-url", url, "--generator",
+                    toy / "generator.pt", "--out", out, "teacher.input_preset=symmetric",
+                    "teacher.input_name=pixels", "teacher.input_datatype=FP32", "teacher.input_shape=[1,28,28]")
+    assert_ok(result)
+    assert ledger_rows(out / "ledger.sqlite") == [("soft", "distill")] * 200
+
+
 @pytest.mark.parametrize(("name", "settings"), [("fp32", "teacher.input_preset=symmetric"),
                                                 ("logits", "teacher.output=logits")])
 def test_distill_through_a_kserve_teacher_pays_the_in_process_answers(kserve, toy, model, tmp_path, name,

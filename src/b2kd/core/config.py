@@ -79,6 +79,15 @@ class TeacherConfig(_Section):
         True, description="Send images as raw bytes (the binary tensor extension), not JSON lists")
     shared_cache: str | None = Field(
         None, description="A ledger of answers paid once and reused across runs (bench)")
+    input_name: str | None = Field(
+        None,
+        description="A served model's image input by name, where its metadata lists none or several")
+    input_datatype: Literal["UINT8", "FP32", "FP16"] | None = Field(
+        None, description="That input's datatype, where the metadata lists none or a wrong one")
+    input_shape: list[int] | None = Field(
+        None,
+        description="That input's shape, [C, H, W] or [N, C, H, W] (N = -1: any batch), where the "
+                    "metadata lists none or a wrong one")
     input_preset: str | None = Field(
         None,
         description="A served model's input scaling: raw, unit, symmetric, mnist, cifar10 or "

@@ -45,7 +45,8 @@ from b2kd.core.config import Config, ConfigError, TeacherConfig, load_config, sa
 from b2kd.core.config_diff import differences, flatten
 
 #: The teacher settings a stage that queries it depends on (not the ones that trained it).
-QUERY_TEACHER = ("teacher.url", "teacher.input_preset", "teacher.input_scale", "teacher.input_mean",
+QUERY_TEACHER = ("teacher.url", "teacher.input_name", "teacher.input_datatype", "teacher.input_shape",
+                 "teacher.input_preset", "teacher.input_scale", "teacher.input_mean",
                  "teacher.input_std", "teacher.output", "teacher.embedding_output")
 #: Per stage: the keys and sections ("data.") that decide what it produces.
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
@@ -61,8 +62,8 @@ STAGE_IGNORED: dict[str, frozenset[str]] = {
     "distill": frozenset({"data.dev_size", "distill.thin_class_factor"}),
 }
 #: A served teacher's settings, stored with each run; later commands inherit those they are not given.
-PROVIDER_KEYS = ("url", "input_preset", "input_scale", "input_mean", "input_std", "output", "binary",
-                 "embedding_output")
+PROVIDER_KEYS = ("url", "input_name", "input_datatype", "input_shape", "input_preset", "input_scale",
+                 "input_mean", "input_std", "output", "binary", "embedding_output")
 INPUTS_FILE = "inputs.json"
 MAX_LISTED = 4
 

@@ -78,7 +78,7 @@ from b2kd.blackbox.protocol import (
     parse_json,
 )
 from b2kd.blackbox.validate import check, check_embeddings, softmax_of_logits
-from b2kd.edge.preprocess import Preprocess, PreprocessError
+from b2kd.edge.preprocess import INPUT_DTYPES, Preprocess, PreprocessError
 
 if TYPE_CHECKING:
     from b2kd.core.config import TeacherConfig
@@ -296,6 +296,42 @@ def bound_every_read(client: httpx.Client, deadline: _Deadline) -> None:
         pool._network_backend = _BoundedBackend(pool._network_backend, deadline)
 
 
+def input_shape_ok(shape: Any) -> bool:
+    """Whether ``shape`` is [-1, C, H, W] or [N, C, H, W] with positive sizes."""
+    return (isinstance(shape, list) and len(shape) == 4
+            and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+            and min(shape[1:]) >= 1 and (shape[0] == -1 or shape[0] >= 1))
+
+
+@dataclass(frozen=True)
+class InputOverride:
+    """The image input as the user states it (``teacher.input_name``, ``input_datatype``,
+    ``input_shape``), for a server whose metadata lists no input, several, or a wrong one."""
+
+    name: str | None = None
+    datatype: str | None = None
+    shape: list[int] | None = None  # [N, C, H, W], N = -1 for any batch
+
+    @property
+    def complete(self) -> bool:
+        return self.name is not None and self.datatype is not None and self.shape is not None
+
+    @classmethod
+    def checked(cls, name: str | None, datatype: str | None, shape: list[int] | None) -> InputOverride:
+        if name is not None and (not isinstance(name, str) or not name):
+            raise BlackBoxError("teacher.input_name must be a non-empty string")
+        if datatype is not None and datatype not in INPUT_DTYPES:
+            raise BlackBoxError(f"teacher.input_datatype must be one of {', '.join(INPUT_DTYPES)},"
+                                f" not {datatype!r:.40}")
+        if shape is not None:
+            shape = [-1, *shape] if isinstance(shape, (list, tuple)) and len(shape) == 3 else shape
+            shape = list(shape) if isinstance(shape, tuple) else shape
+            if not input_shape_ok(shape):
+                raise BlackBoxError(f"teacher.input_shape must be [C, H, W] or [N, C, H, W] (N = -1:"
+                                    f" any batch) with positive sizes, not {shape!r:.80}")
+        return cls(name, datatype, shape)
+
+
 class HTTPTeacher:
     """A teacher behind an Open Inference Protocol server: ``infer(uint8 images) -> BackendAnswer``.
 
@@ -328,8 +364,12 @@ class HTTPTeacher:
         input_mean: list[float] | None = None,
         input_std: list[float] | None = None,
         embedding_output: str | None = None,
+        input_name: str | None = None,
+        input_datatype: str | None = None,
+        input_shape: list[int] | None = None,
     ):
         root, self._model_path = split_url(url)
+        self._stated_input = InputOverride.checked(input_name, input_datatype, input_shape)
         self._embedding_output = embedding_output
         self.url = root + self._model_path
         if output not in OUTPUTS:
@@ -366,7 +406,8 @@ class HTTPTeacher:
             "allow_mixed_providers": teacher.allow_mixed_providers, "output": teacher.output,
             "input_preset": teacher.input_preset, "input_scale": teacher.input_scale,
             "input_mean": teacher.input_mean, "input_std": teacher.input_std,
-            "embedding_output": teacher.embedding_output,
+            "embedding_output": teacher.embedding_output, "input_name": teacher.input_name,
+            "input_datatype": teacher.input_datatype, "input_shape": teacher.input_shape,
         }
         return cls(teacher.url, teacher.api_key, **{**settings, **overrides})
 
@@ -376,8 +417,8 @@ class HTTPTeacher:
         what = f"the teacher at {self.url}"
         try:
             meta = parse_json(response.content, "model metadata")
-            self.input_name, self.fixed_batch, self.image_shape = self._input_spec(meta)
-            datatype = meta["inputs"][0]["datatype"]
+            self.input_name, datatype, self.fixed_batch, self.image_shape = self._input_spec(
+                meta, self._stated_input)
             self.preprocess = Preprocess.build(datatype, self.image_shape[0], preset, scale, mean, std)
         except KeyError as exc:
             raise BlackBoxError(f"{what} has no {exc} in its model metadata") from None
@@ -412,19 +453,31 @@ class HTTPTeacher:
             self.batch_size = self.fixed_batch
 
     @staticmethod
-    def _input_spec(meta: dict[str, Any]) -> tuple[str, int | None, tuple[int, int, int]]:
-        """(input name, fixed batch size or None, (C, H, W)) of the one image input."""
-        inputs = meta["inputs"]
-        if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-            raise ProtocolError("b2kd sends one input of images; the model must take exactly one")
-        name, datatype, shape = inputs[0]["name"], inputs[0]["datatype"], inputs[0]["shape"]
+    def _input_spec(meta: dict[str, Any], stated: InputOverride
+                    ) -> tuple[str, str, int | None, tuple[int, int, int]]:
+        """(name, datatype, fixed batch size or None, (C, H, W)) of the one image input: the
+        metadata's, with each of the user's ``teacher.input_*`` settings taking precedence."""
+        inputs = meta.get("inputs")
+        listed = [i for i in inputs if isinstance(i, dict)] if isinstance(inputs, list) else []
+        if stated.name is not None and len(listed) > 1:
+            listed = [i for i in listed if i.get("name") == stated.name]
+        if len(listed) == 1:
+            spec = listed[0]
+        elif stated.complete:
+            spec = {}
+        else:
+            count = len(inputs) if isinstance(inputs, list) else "no"
+            raise ProtocolError(f"b2kd sends one input of images; the model must take exactly one, and its"
+                                f" metadata lists {count} inputs; name it with teacher.input_name,"
+                                " teacher.input_datatype and teacher.input_shape")
+        name = stated.name if stated.name is not None else spec["name"]
+        datatype = stated.datatype if stated.datatype is not None else spec["datatype"]
+        shape = stated.shape if stated.shape is not None else spec["shape"]
         if not isinstance(name, str) or not isinstance(datatype, str):
             raise ProtocolError("the input's name and datatype must be strings")
-        if (not isinstance(shape, list) or len(shape) != 4
-                or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
-                or min(shape[1:]) < 1 or shape[0] == 0 or shape[0] < -1):
+        if not input_shape_ok(shape):
             raise ProtocolError(f"the input must have shape [-1, C, H, W] or [N, C, H, W], not {shape!r:.80}")
-        return name, None if shape[0] == -1 else shape[0], (shape[1], shape[2], shape[3])
+        return name, datatype, None if shape[0] == -1 else shape[0], (shape[1], shape[2], shape[3])
 
     def _provider(self, meta: dict[str, Any]) -> Provider:
         """Who answers: this URL, the model's name and version as its metadata states them (the
