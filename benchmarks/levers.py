@@ -125,7 +125,7 @@ def main() -> None:
             writer = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
-    print(f"\n| variant | response | dev acc | test acc | seeds |\n|---|---|---|---|---|")
+    print("\n| variant | response | dev acc | test acc | seeds |\n|---|---|---|---|---|")
     for variant in args.variants:
         for response in args.responses:
             cells = [r for r in rows if r["variant"] == variant and r["response"] == response]

@@ -6,7 +6,6 @@ import math
 import pytest
 
 from b2kd.blackbox import BlackBoxError
-
 from b2kd.edge import Ledger
 from b2kd.pipeline import run_distill
 

@@ -19,10 +19,9 @@ from test_cli import assert_user_error, invoke, ledger_rows
 from toy import make_toy, toy_model
 
 from b2kd.blackbox import BlackBoxError, TeacherRefused, TeacherUnavailable
-
+from b2kd.blackbox.validate import InvalidAnswer
 from b2kd.edge import BlackBoxTeacher, Ledger
 from b2kd.edge.client import HTTPTeacher
-from b2kd.blackbox.validate import InvalidAnswer
 
 FAST = {"backoff": 0.05, "max_wait": 0.2, "max_total_wait": 2.0, "retries": 2}
 FAST_CONFIG = ["teacher.backoff_s=0.05", "teacher.max_wait_s=0.2", "teacher.max_total_wait_s=2",

@@ -20,8 +20,8 @@ from test_cli import assert_ok, assert_user_error, invoke, ledger_rows
 from toy import make_toy
 
 from b2kd.blackbox import BlackBoxError, LocalBackend
-from b2kd.edge import BlackBoxTeacher, Ledger, image_hashes
 from b2kd.blackbox.protocol import ProtocolError
+from b2kd.edge import BlackBoxTeacher, Ledger, image_hashes
 from b2kd.edge.client import HTTPTeacher, InputOverride, retry_after, split_url
 from b2kd.pool.paid import pay
 from b2kd.provider.keys import key_id, load_secret

@@ -228,7 +228,7 @@ def test_balanced_pool_spends_the_budget_once(toy_runs, tmp_path):
 def test_pick_unsure_share_sets_how_many_are_the_least_confident():
     pred = torch.tensor([0, 0, 0, 0, 0, 0])
     conf = torch.tensor([0.9, 0.2, 0.5, 0.99, 0.3, 0.8])
-    rng = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    rng = lambda: torch.Generator().manual_seed(0)
     assert sorted(pick(pred, conf, torch.tensor([3]), rng(), 1.0).tolist()) == [1, 2, 4]
     none = pick(pred, conf, torch.tensor([3]), rng(), 0.0)
     assert len(none) == 3 and len(set(none.tolist())) == 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from b2kd.core.checkpoint import CheckpointError, atomic_save, module_checkpoint, read
+from b2kd.core.checkpoint import CheckpointError, atomic_save, read
 from b2kd.models import Discriminator
 from b2kd.pool.realism import drop_least_real, load_discriminator, realism
 

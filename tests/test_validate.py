@@ -11,12 +11,11 @@ import torch
 from test_cli import assert_user_error, invoke
 
 from b2kd.blackbox import LocalBackend
-
-from b2kd.edge import BlackBoxTeacher, Ledger, image_hashes
 from b2kd.blackbox.base import BlackBoxError
+from b2kd.blackbox.validate import InvalidAnswer, invalid_rows, problem, softmax_of_logits
+from b2kd.edge import BlackBoxTeacher, Ledger, image_hashes
 from b2kd.edge.ledger import PoisonedLedger
 from b2kd.edge.preprocess import Preprocess
-from b2kd.blackbox.validate import InvalidAnswer, invalid_rows, problem, softmax_of_logits
 
 NAN = math.nan
 

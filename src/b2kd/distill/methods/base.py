@@ -10,10 +10,9 @@ from pathlib import Path
 import torch
 
 from b2kd.blackbox import BlackBoxError, ResponseKind, teacher_logits
-
-from b2kd.edge import BlackBoxTeacher
 from b2kd.core.config import DistillConfig
 from b2kd.distill.losses import kd_kl, label_cross_entropy
+from b2kd.edge import BlackBoxTeacher
 
 
 @dataclass
