@@ -36,7 +36,8 @@ VARIANTS = {
     "mekd-plain15": ("plain15", "mekd", []),
     "mekd-sn15": ("sn15", "mekd", []),
     "mekd-sn25": ("sn25", "mekd", []),
-    # the anchored pool, CORAL and mixup among generator images were measured here and removed
+    # the anchored pool, CORAL, mixup among generator images, distribution alignment of the
+    # pseudo-labels and R1 in the GAN were measured here and removed
     # (docs/research-notes/synthetic-to-real.md)
     # the upper bound: the teacher's answers on the real private images (KD; never a product mode)
     "kd-real": (None, "kd", ["distill.local_unlabelled=false", "distill.transfer_copies=true"]),
