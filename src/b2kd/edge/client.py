@@ -324,8 +324,8 @@ class InputOverride:
             raise BlackBoxError(f"teacher.input_datatype must be one of {', '.join(INPUT_DTYPES)},"
                                 f" not {datatype!r:.40}")
         if shape is not None:
-            shape = [-1, *shape] if isinstance(shape, (list, tuple)) and len(shape) == 3 else shape
-            shape = list(shape) if isinstance(shape, tuple) else shape
+            if isinstance(shape, (list, tuple)):
+                shape = [-1, *shape] if len(shape) == 3 else list(shape)
             if not input_shape_ok(shape):
                 raise BlackBoxError(f"teacher.input_shape must be [C, H, W] or [N, C, H, W] (N = -1:"
                                     f" any batch) with positive sizes, not {shape!r:.80}")
