@@ -34,8 +34,6 @@ GANS = {
     "sn15": [*SN, "deprivatize.epochs=15"],
     "sn25": [*SN, "deprivatize.epochs=25"],
     "sn15lr2": [*SN2, "deprivatize.epochs=15"],  # the default GAN at the demo's length
-    # the label-free stopping rule: the closest of at most 30 epochs, patience 5
-    "sn30p5lr2": [*SN2, "deprivatize.epochs=30", "deprivatize.patience=5"],
 }
 # (name, GAN or None, method, overrides): the recipe is the config's as it stands
 VARIANTS = {
@@ -43,10 +41,10 @@ VARIANTS = {
     "mekd-sn15": ("sn15", "mekd", []),
     "mekd-sn25": ("sn25", "mekd", []),
     "mekd-sn15lr2": ("sn15lr2", "mekd", []),
-    "mekd-sn30p5lr2": ("sn30p5lr2", "mekd", []),
     # the anchored pool, CORAL, mixup among generator images, distribution alignment of the
-    # pseudo-labels, R1 and hinge loss in the GAN, and a domain-adversarial student were measured
-    # here and removed (docs/research-notes/synthetic-to-real.md)
+    # pseudo-labels, R1 and hinge loss in the GAN, a label-free stopping rule for the GAN and a
+    # domain-adversarial student were measured here and removed
+    # (docs/research-notes/synthetic-to-real.md)
     # the upper bound: the teacher's answers on the real private images (KD; never a product mode)
     "kd-real": (None, "kd", ["distill.local_unlabelled=false", "distill.transfer_copies=true"]),
 }

@@ -89,7 +89,7 @@ def test_the_reference_config_keeps_the_reference_recipe():
     assert (paper.reuse_setup, paper.pool, paper.local_unlabelled, paper.student) == \
         (False, "random", False, "resnet8")
     gan = load_config(CONFIGS / "paper-mnist.yaml").deprivatize
-    assert (gan.lr, gan.d_lr, gan.spectral_norm, gan.patience) == (2e-4, None, False, None)
+    assert (gan.lr, gan.d_lr, gan.spectral_norm) == (2e-4, None, False)
 
 
 def test_bench_baselines_do_not_train_on_the_private_images():

@@ -151,11 +151,6 @@ class DeprivatizeConfig(_Section):
     query_every: int = Field(5, description="Query the teacher on every k-th generator step")
     query_batch: int = Field(16, description="Images queried at each such step")
     max_queries: int = Field(5000, description="The stage's own query budget")
-    patience: int | None = Field(
-        None, ge=1,
-        description="Label-free stopping: keep the generator closest to the private images "
-                    "(deprivatize/distance.py) and stop after this many epochs without a closer one "
-                    "(None: every epoch, keep the last)")
     spectral_norm: bool = Field(
         True,
         description="Spectrally normalised D without BatchNorm (SN-GAN; with d_lr 4x lr: +3.3 dev "
@@ -420,6 +415,7 @@ REMOVED: dict[str, Any] = {
     "deprivatize.select": "last",
     "deprivatize.select_from": ANY,
     "deprivatize.balance_real": 0.0,
+    "deprivatize.patience": None,
     "deprivatize.balance_from": ANY,
     "deprivatize.balance_fit_steps": ANY,
     "deprivatize.balance_max_boost": ANY,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +23,6 @@ from b2kd.core.checkpoint import atomic_save, load_resumed, module_checkpoint, r
 from b2kd.core.config import DeprivatizeConfig
 from b2kd.core.engine import epoch_generator
 from b2kd.core.grid import save_grid
-from b2kd.deprivatize.distance import PrivateDistance
 from b2kd.deprivatize.losses import (
     gan_discriminator_loss,
     gan_generator_loss,
@@ -49,8 +48,6 @@ class GAN:
     opt_d: torch.optim.Optimizer
     g_train: torch.nn.Module
     d_train: torch.nn.Module
-    # the closest generator so far (deprivatize.patience): its epoch, distance, G's and D's weights
-    best: dict = field(default_factory=dict)
 
     @classmethod
     def build(cls, cfg: DeprivatizeConfig, teacher: BlackBoxTeacher, seed: int, device: torch.device,
@@ -76,7 +73,6 @@ class GAN:
         load_resumed(self.disc, state["discriminator"], state_path, "discriminator")
         load_resumed(self.opt_g, state["opt_g"], state_path, "generator's optimiser state")
         load_resumed(self.opt_d, state["opt_d"], state_path, "discriminator's optimiser state")
-        self.best = state.get("best", {})
         start_epoch = state["epoch"] + 1
         log(f"resuming deprivatization at epoch {start_epoch + 1}")
         return start_epoch
@@ -84,44 +80,7 @@ class GAN:
     def save_state(self, epoch: int, state_path: Path) -> None:
         atomic_save({"kind": "gan_state", "generator": self.gen.state_dict(),
                      "discriminator": self.disc.state_dict(), "opt_g": self.opt_g.state_dict(),
-                     "opt_d": self.opt_d.state_dict(), "epoch": epoch, "best": self.best}, state_path)
-
-    def keep_as_best(self, epoch: int, distance: float) -> None:
-        copy = (lambda m: {k: v.detach().clone() for k, v in m.state_dict().items()})
-        self.best = {"epoch": epoch, "distance": distance, "generator": copy(self.gen),
-                     "discriminator": copy(self.disc)}
-
-    def restore_best(self) -> None:
-        self.gen.load_state_dict(self.best["generator"])
-        self.disc.load_state_dict(self.best["discriminator"])
-
-
-class Closest:
-    """The label-free stopping rule: after each epoch, the generator's distance to the private
-    images (:class:`b2kd.deprivatize.distance.PrivateDistance`); with ``patience`` the closest
-    generator is kept, and training stops once ``patience`` epochs have not come closer."""
-
-    def __init__(self, distance: PrivateDistance, patience: int | None, best: dict):
-        self.distance, self.patience = distance, patience
-        self.best_epoch = best.get("epoch", -1)
-        self.best_value = best.get("distance", math.inf)
-        self.last = math.nan
-
-    def update(self, gan: GAN, epoch: int) -> bool:
-        """Measure ``gan``'s generator (rank 0) and say whether training stops here (measured only
-        with a patience: it costs a third of an epoch)."""
-        if self.patience is None:
-            return False
-        value = self.distance(gan.gen) if distributed.is_main() else None
-        self.last = distributed.broadcast_object(value)
-        if self.last < self.best_value:
-            self.best_epoch, self.best_value = epoch, self.last
-            gan.keep_as_best(epoch, self.last)
-        return self.stopped(epoch)
-
-    def stopped(self, epoch: int) -> bool:
-        """Whether the rule stops after ``epoch`` (a resumed run that had stopped trains no more)."""
-        return self.patience is not None and self.best_epoch >= 0 and epoch - self.best_epoch >= self.patience
+                     "opt_d": self.opt_d.state_dict(), "epoch": epoch}, state_path)
 
 
 def deprivatize(
@@ -150,41 +109,20 @@ def deprivatize(
     gan = GAN.build(cfg, teacher, seed, device, parallel)
     state_path = out / "checkpoints" / "gan_latest.pt"
     start_epoch = gan.resume(state_path, log)
-    distance = PrivateDistance(private, teacher.num_classes, seed=seed) if cfg.patience else None
-    watch = Closest(distance, cfg.patience, gan.best)
-    for epoch in range(cfg.epochs if watch.stopped(start_epoch - 1) else start_epoch, cfg.epochs):
+    for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         means = train_epoch(gan, cfg, private, teacher, epoch, seed, device, on_step)
-        stop = watch.update(gan, epoch)  # rank 0's verdict on every rank
-        if distributed.is_main():  # rank 0 writes the state and the metrics
-            gan.save_state(epoch, state_path)
-            record_epoch(out, cfg, epoch, {**means, "queries": teacher.spent,
-                                           "seconds": time.perf_counter() - t0}, watch, log)
-        if stop:
-            if distributed.is_main():
-                log(f"deprivatize: stopped after epoch {epoch + 1}; the generator of epoch"
-                    f" {gan.best['epoch'] + 1} is the closest to the private images")
-            break
+        if not distributed.is_main():  # rank 0 writes the state and the metrics
+            continue
+        gan.save_state(epoch, state_path)
+        record = {"epoch": epoch, **means, "queries": teacher.spent, "seconds": time.perf_counter() - t0}
+        with open(out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        log(f"deprivatize epoch {epoch + 1}/{cfg.epochs}: D {record['d']:.3f} G {record['g']:.3f}"
+            f" queries {teacher.spent} ({record['seconds']:.0f}s)")
     if not distributed.is_main():
         return {"role": "generator", "epochs": cfg.epochs}
-    kept = cfg.epochs
-    if cfg.patience is not None and gan.best:
-        gan.restore_best()
-        kept = gan.best["epoch"] + 1
-    return save_generator_and_samples(gan, kept, teacher, out, seed, device)
-
-
-def record_epoch(out: Path, cfg: DeprivatizeConfig, epoch: int, record: dict, watch: Closest, log) -> None:
-    """One line of metrics.jsonl and of the log (with the distance when the stopping rule measures it)."""
-    record = {"epoch": epoch, **record}
-    distance = ""
-    if cfg.patience is not None:
-        record["distance"] = watch.last
-        distance = f" distance {watch.last:.3f}"
-    with open(out / "metrics.jsonl", "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-    log(f"deprivatize epoch {epoch + 1}/{cfg.epochs}: D {record['d']:.3f} G {record['g']:.3f}"
-        f"{distance} queries {record['queries']} ({record['seconds']:.0f}s)")
+    return save_generator_and_samples(gan, cfg, teacher, out, seed, device)
 
 
 def train_epoch(gan: GAN, cfg: DeprivatizeConfig, private: torch.Tensor, teacher: BlackBoxTeacher,
@@ -242,18 +180,17 @@ def paid_information_term(cfg: DeprivatizeConfig, teacher: BlackBoxTeacher, fake
     return im
 
 
-def save_generator_and_samples(gan: GAN, epochs: int, teacher: BlackBoxTeacher, out: Path,
+def save_generator_and_samples(gan: GAN, cfg: DeprivatizeConfig, teacher: BlackBoxTeacher, out: Path,
                                seed: int, device: torch.device) -> dict:
-    """generator.pt (trained ``epochs`` epochs), a grid of 64 samples, and D (for the balanced
-    pool's realism filter)."""
+    """generator.pt, a grid of 64 samples, and D (for the balanced pool's realism filter)."""
     gan.gen.eval()
     with torch.no_grad():
         z = torch.randn(64, teacher.num_classes, generator=torch.Generator().manual_seed(seed))
         samples = quantize_uint8(gan.gen(z.to(device))).cpu()
     grid = save_grid(samples, out / "images" / "generator_samples.png", nrow=8)
     meta = {"role": "generator", "image_shape": list(teacher.image_shape),
-            "num_classes": teacher.num_classes, "epochs": epochs, "queries": teacher.spent}
+            "num_classes": teacher.num_classes, "epochs": cfg.epochs, "queries": teacher.spent}
     save_generator(gan.gen.cpu(), out / "generator.pt", **meta)
     # D of the last epoch, for the balanced pool's realism filter (b2kd.pool.realism)
-    atomic_save(module_checkpoint("discriminator", gan.disc.cpu(), epoch=epochs - 1), out / "discriminator.pt")
+    atomic_save(module_checkpoint("discriminator", gan.disc.cpu(), epoch=cfg.epochs - 1), out / "discriminator.pt")
     return {**meta, "generator": str(out / "generator.pt"), "samples": str(grid)}
