@@ -34,6 +34,8 @@ GANS = {
     "sn15": [*SN, "deprivatize.epochs=15"],
     "sn25": [*SN, "deprivatize.epochs=25"],
     "sn15lr2": [*SN2, "deprivatize.epochs=15"],  # the default GAN at the demo's length
+    "sn15lr2w": [*SN2, "deprivatize.epochs=15", "deprivatize.widths=[128,64]"],
+    "sn15lr2z54": [*SN2, "deprivatize.epochs=15", "deprivatize.latent_extra=54"],
 }
 # (name, GAN or None, method, overrides): the recipe is the config's as it stands
 VARIANTS = {
@@ -41,6 +43,8 @@ VARIANTS = {
     "mekd-sn15": ("sn15", "mekd", []),
     "mekd-sn25": ("sn25", "mekd", []),
     "mekd-sn15lr2": ("sn15lr2", "mekd", []),
+    "mekd-sn15lr2w": ("sn15lr2w", "mekd", []),
+    "mekd-sn15lr2z54": ("sn15lr2z54", "mekd", []),
     # the anchored pool, CORAL, mixup among generator images, distribution alignment of the
     # pseudo-labels, R1 and hinge loss in the GAN, a label-free stopping rule for the GAN and a
     # domain-adversarial student were measured here and removed

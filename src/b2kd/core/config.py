@@ -145,6 +145,9 @@ class DeprivatizeConfig(_Section):
     alpha: float = Field(0.5, description="Weight of the information-maximisation term in G's loss")
     widths: tuple[int, int] = Field(
         (128, 64), description="Channel widths of the generator's two blocks")
+    latent_extra: int = Field(
+        0, ge=0, description="Latent dimensions beyond the K that MEKD's logits fill (held at 0 when "
+                             "G maps logits to images); 0: the paper's K-dimensional latent")
     response: str = Field(
         "soft",
         description="What the teacher answers during deprivatization: soft, hard, topk:K, rounded:D")
