@@ -32,7 +32,7 @@ RECIPE = {
     "distill.pool": "balanced",
     "distill.balance_neighbours": 0.1,
     "distill.student": "lenet5",
-    "deprivatize.lr": 4e-4,
+    "deprivatize.lr": 8e-4,
     "deprivatize.betas": (0.5, 0.999),
     "deprivatize.alpha": 0.5,
     "deprivatize.query_every": 5,
@@ -40,7 +40,7 @@ RECIPE = {
     "deprivatize.max_queries": 5000,
     "deprivatize.response": "soft",
     "deprivatize.spectral_norm": True,
-    "deprivatize.d_lr": 1.6e-3,
+    "deprivatize.d_lr": 3.2e-3,
 }
 
 # what configs/demo.yaml may set: the run's size, never the recipe

@@ -138,16 +138,6 @@ def test_generator_shape_and_range(image_size: int, channels: int) -> None:
     assert images.min() >= -1 and images.max() <= 1
 
 
-def test_generator_pads_logits_with_zero_extra_latents() -> None:
-    """MEKD's logits (K columns) fill the first K latents of a wider G; the rest are held at 0."""
-    generator = Generator(latent_dim=16, image_size=28, widths=(16, 8)).eval()
-    logits = torch.randn(3, 10)
-    with torch.no_grad():
-        padded = generator(torch.cat([logits, torch.zeros(3, 6)], 1))
-        assert torch.equal(generator(logits), padded)
-        assert not torch.equal(generator(logits), generator(torch.cat([logits, torch.ones(3, 6)], 1)))
-
-
 def test_generator_rejects_size_not_divisible_by_4() -> None:
     with pytest.raises(ValueError, match="multiple of 4"):
         Generator(latent_dim=10, image_size=30)

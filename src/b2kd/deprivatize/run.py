@@ -54,8 +54,7 @@ class GAN:
               parallel=None) -> GAN:
         channels, size, _ = teacher.image_shape
         torch.manual_seed(seed)
-        latent_dim = teacher.num_classes + cfg.latent_extra
-        gen = Generator(latent_dim, size, channels, tuple(cfg.widths)).to(device)
+        gen = Generator(teacher.num_classes, size, channels, tuple(cfg.widths)).to(device)
         disc = Discriminator(size, channels, spectral_norm=cfg.spectral_norm).to(device)
         opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
         opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.d_lr or cfg.lr, betas=tuple(cfg.betas))
@@ -140,7 +139,7 @@ def train_epoch(gan: GAN, cfg: DeprivatizeConfig, private: torch.Tensor, teacher
     for step in range(steps_per_epoch):
         idx, share = distributed.my_indices(perm[step * batch : (step + 1) * batch])
         real = from_uint8(private[idx]).to(device)
-        z = torch.randn(len(idx), gan.gen.latent_dim, generator=own).to(device)
+        z = torch.randn(len(idx), teacher.num_classes, generator=own).to(device)
         fake = gan.g_train(z)
 
         d_loss = gan_discriminator_loss(gan.d_train(real), gan.d_train(fake.detach()))
@@ -186,7 +185,7 @@ def save_generator_and_samples(gan: GAN, cfg: DeprivatizeConfig, teacher: BlackB
     """generator.pt, a grid of 64 samples, and D (for the balanced pool's realism filter)."""
     gan.gen.eval()
     with torch.no_grad():
-        z = torch.randn(64, gan.gen.latent_dim, generator=torch.Generator().manual_seed(seed))
+        z = torch.randn(64, teacher.num_classes, generator=torch.Generator().manual_seed(seed))
         samples = quantize_uint8(gan.gen(z.to(device))).cpu()
     grid = save_grid(samples, out / "images" / "generator_samples.png", nrow=8)
     meta = {"role": "generator", "image_shape": list(teacher.image_shape),

@@ -21,10 +21,6 @@ class Generator(nn.Module):
     BN -> LReLU -> up x2 -> conv w0->w1 -> BN -> LReLU -> conv w1->C -> tanh.
     BatchNorm uses the default eps: the reference passes 0.8 positionally as eps
     (meant as momentum), which flattens the normalisation.
-
-    MEKD feeds G logits (K columns). With ``latent_dim`` > K, an input with fewer
-    columns than ``latent_dim`` is padded with zeros, the mean of the extra
-    latents: the map from logits to images is G with the extra noise held at 0.
     """
 
     def __init__(
@@ -64,8 +60,6 @@ class Generator(nn.Module):
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if z.shape[1] < self.latent_dim:
-            z = nn.functional.pad(z, (0, self.latent_dim - z.shape[1]))
         x = self.fc(z).view(z.shape[0], -1, self.init_size, self.init_size)
         return self.blocks(x)
 
