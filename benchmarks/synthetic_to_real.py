@@ -39,6 +39,7 @@ GANS = {
     "sn15lr8": ["deprivatize.spectral_norm=true", "deprivatize.lr=0.0016", "deprivatize.d_lr=0.0064",
                 "deprivatize.epochs=15"],
     "sn15lr2w": [*SN2, "deprivatize.epochs=15", "deprivatize.widths=[128,64]"],  # full widths
+    "sn15lr4b0": [*SN4, "deprivatize.epochs=15", "deprivatize.betas=[0.0,0.99]"],  # SN-GAN's betas
 }
 # (name, GAN or None, method, overrides): the recipe is the config's as it stands
 VARIANTS = {
@@ -49,9 +50,12 @@ VARIANTS = {
     "mekd-sn15lr2w": ("sn15lr2w", "mekd", []),
     "mekd-sn15lr4": ("sn15lr4", "mekd", []),
     "mekd-sn15lr8": ("sn15lr8", "mekd", []),
+    "mekd-sn15lr4b0": ("sn15lr4b0", "mekd", []),
+    "mekd-sn15lr2-real50": ("sn15lr2", "mekd", ["distill.balance_realism=0.5"]),
     # the anchored pool, CORAL, mixup among generator images, distribution alignment of the
     # pseudo-labels, R1 and hinge loss in the GAN, a label-free stopping rule for the GAN, a
-    # domain-adversarial student and a 64-dimensional latent were measured here and removed
+    # domain-adversarial student, a 64-dimensional latent and the realism filter scored by the
+    # nearest private image were measured here and removed
     # (docs/research-notes/synthetic-to-real.md)
     # the upper bound: the teacher's answers on the real private images (KD; never a product mode)
     "kd-real": (None, "kd", ["distill.local_unlabelled=false", "distill.transfer_copies=true"]),
