@@ -25,21 +25,23 @@ from b2kd.data.edge_sets import edge_dev_set
 from b2kd.pipeline import run_deprivatize, run_distill, run_evaluate, run_teacher
 
 CONFIG = "configs/demo.yaml"
-# every GAN states its rates: the reference's (G 2e-4), or 2x, 4x (b2kd's default) or 8x them
-REF = ["deprivatize.lr=0.0002"]
-SN = [*REF, "deprivatize.spectral_norm=true", "deprivatize.d_lr=0.0008"]
-SN2 = ["deprivatize.spectral_norm=true", "deprivatize.lr=0.0004", "deprivatize.d_lr=0.0016"]
-SN4 = ["deprivatize.spectral_norm=true", "deprivatize.lr=0.0008", "deprivatize.d_lr=0.0032"]
+
+
+def rates(k: int) -> list[str]:
+    """The SN GAN at k times the reference's Adam rates (G 2e-4, D 8e-4); b2kd's default is k=4."""
+    return ["deprivatize.spectral_norm=true", f"deprivatize.lr={2e-4 * k:g}", f"deprivatize.d_lr={8e-4 * k:g}"]
+
+
 GANS = {
-    "plain15": [*REF, "deprivatize.spectral_norm=false", "deprivatize.d_lr=null", "deprivatize.epochs=15"],
-    "sn15": [*SN, "deprivatize.epochs=15"],
-    "sn25": [*SN, "deprivatize.epochs=25"],
-    "sn15lr2": [*SN2, "deprivatize.epochs=15"],
-    "sn15lr4": [*SN4, "deprivatize.epochs=15"],  # the default GAN at the demo's length
-    "sn15lr8": ["deprivatize.spectral_norm=true", "deprivatize.lr=0.0016", "deprivatize.d_lr=0.0064",
+    "plain15": ["deprivatize.lr=0.0002", "deprivatize.spectral_norm=false", "deprivatize.d_lr=null",
                 "deprivatize.epochs=15"],
-    "sn15lr2w": [*SN2, "deprivatize.epochs=15", "deprivatize.widths=[128,64]"],  # full widths
-    "sn15lr4b0": [*SN4, "deprivatize.epochs=15", "deprivatize.betas=[0.0,0.99]"],  # SN-GAN's betas
+    "sn15": [*rates(1), "deprivatize.epochs=15"],
+    "sn25": [*rates(1), "deprivatize.epochs=25"],
+    "sn15lr2": [*rates(2), "deprivatize.epochs=15"],
+    "sn15lr4": [*rates(4), "deprivatize.epochs=15"],  # the default GAN at the demo's length
+    "sn15lr8": [*rates(8), "deprivatize.epochs=15"],
+    "sn15lr2w": [*rates(2), "deprivatize.epochs=15", "deprivatize.widths=[128,64]"],  # full widths
+    "sn15lr4b0": [*rates(4), "deprivatize.epochs=15", "deprivatize.betas=[0.0,0.99]"],  # SN-GAN's betas
 }
 # (name, GAN or None, method, overrides): the recipe is the config's as it stands
 VARIANTS = {
