@@ -42,6 +42,10 @@ GANS = {
     "sn15lr8": [*rates(8), "deprivatize.epochs=15"],
     "sn15lr2w": [*rates(2), "deprivatize.epochs=15", "deprivatize.widths=[128,64]"],  # full widths
     "sn15lr4b0": [*rates(4), "deprivatize.epochs=15", "deprivatize.betas=[0.0,0.99]"],  # SN-GAN's betas
+    "sn25lr4": [*rates(4), "deprivatize.epochs=25"],  # the default GAN at the benches' length
+    # G's moving average saved as the generator, at both lengths
+    "sn15lr4e": [*rates(4), "deprivatize.epochs=15", "deprivatize.ema_decay=0.995"],
+    "sn25lr4e": [*rates(4), "deprivatize.epochs=25", "deprivatize.ema_decay=0.995"],
 }
 # (name, GAN or None, method, overrides): the recipe is the config's as it stands
 VARIANTS = {
@@ -53,6 +57,9 @@ VARIANTS = {
     "mekd-sn15lr4": ("sn15lr4", "mekd", []),
     "mekd-sn15lr8": ("sn15lr8", "mekd", []),
     "mekd-sn15lr4b0": ("sn15lr4b0", "mekd", []),
+    "mekd-sn25lr4": ("sn25lr4", "mekd", []),
+    "mekd-sn15lr4e": ("sn15lr4e", "mekd", []),
+    "mekd-sn25lr4e": ("sn25lr4e", "mekd", []),
     "mekd-sn15lr2-real50": ("sn15lr2", "mekd", ["distill.balance_realism=0.5"]),
     # the anchored pool, CORAL, mixup among generator images, distribution alignment of the
     # pseudo-labels, R1 and hinge loss in the GAN, a label-free stopping rule for the GAN, a

@@ -151,6 +151,9 @@ class DeprivatizeConfig(_Section):
     query_every: int = Field(5, description="Query the teacher on every k-th generator step")
     query_batch: int = Field(16, description="Images queried at each such step")
     max_queries: int = Field(5000, description="The stage's own query budget")
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1, description="Decay of an exponential moving average of G's weights (and "
+                                     "BatchNorm statistics), saved as the generator; 0: G as trained")
     spectral_norm: bool = Field(
         True,
         description="Spectrally normalised D without BatchNorm (SN-GAN; with d_lr 4x lr: +3.3 dev "
