@@ -43,9 +43,6 @@ GANS = {
     "sn15lr2w": [*rates(2), "deprivatize.epochs=15", "deprivatize.widths=[128,64]"],  # full widths
     "sn15lr4b0": [*rates(4), "deprivatize.epochs=15", "deprivatize.betas=[0.0,0.99]"],  # SN-GAN's betas
     "sn25lr4": [*rates(4), "deprivatize.epochs=25"],  # the default GAN at the benches' length
-    # G's moving average saved as the generator, at both lengths
-    "sn15lr4e": [*rates(4), "deprivatize.epochs=15", "deprivatize.ema_decay=0.995"],
-    "sn25lr4e": [*rates(4), "deprivatize.epochs=25", "deprivatize.ema_decay=0.995"],
 }
 # (name, GAN or None, method, overrides): the recipe is the config's as it stands
 VARIANTS = {
@@ -58,13 +55,11 @@ VARIANTS = {
     "mekd-sn15lr8": ("sn15lr8", "mekd", []),
     "mekd-sn15lr4b0": ("sn15lr4b0", "mekd", []),
     "mekd-sn25lr4": ("sn25lr4", "mekd", []),
-    "mekd-sn15lr4e": ("sn15lr4e", "mekd", []),
-    "mekd-sn25lr4e": ("sn25lr4e", "mekd", []),
     "mekd-sn15lr2-real50": ("sn15lr2", "mekd", ["distill.balance_realism=0.5"]),
     # the anchored pool, CORAL, mixup among generator images, distribution alignment of the
     # pseudo-labels, R1 and hinge loss in the GAN, a label-free stopping rule for the GAN, a
-    # domain-adversarial student, a 64-dimensional latent and the realism filter scored by the
-    # nearest private image were measured here and removed
+    # domain-adversarial student, a 64-dimensional latent, the realism filter scored by the
+    # nearest private image and a moving average of G's weights were measured here and removed
     # (docs/research-notes/synthetic-to-real.md)
     # the upper bound: the teacher's answers on the real private images (KD; never a product mode)
     "kd-real": (None, "kd", ["distill.local_unlabelled=false", "distill.transfer_copies=true"]),

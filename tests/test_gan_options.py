@@ -54,37 +54,3 @@ def test_resuming_a_gan_made_with_another_discriminator_is_one_clear_error(toy_r
     with pytest.raises(CheckpointError, match=r"cannot resume from .*gan_latest\.pt: its discriminator"):
         run_deprivatize(cfg, out, log=lambda *a, **k: None)
     assert latest.read_bytes() == before
-
-
-def test_the_saved_generator_is_gs_moving_average_when_ema_is_set(toy_runs, tmp_path):
-    """deprivatize.ema_decay: generator.pt holds the average's weights (and BatchNorm statistics), not
-    the last step's; the average is in gan_latest.pt, and a resume without one is refused."""
-    import pytest
-
-    from b2kd.core.checkpoint import CheckpointError
-    from b2kd.pipeline import run_deprivatize
-
-    cfg = toy_runs["cfg"].model_copy(deep=True)
-    cfg.deprivatize.generator = None
-    cfg.deprivatize.epochs = 1
-    out = tmp_path / "gan"
-    run_deprivatize(cfg, out, log=lambda *a, **k: None)  # ema 0: generator.pt is G as trained
-    plain = read(out / "generator.pt", "generator")["state_dict"]
-    live = read(out / "checkpoints" / "gan_latest.pt", "gan_state")["generator"]
-    assert all(torch.equal(plain[k], live[k]) for k in live)
-
-    cfg.deprivatize.ema_decay = 0.5
-    ema_out = tmp_path / "ema"
-    run_deprivatize(cfg, ema_out, log=lambda *a, **k: None)
-    state = read(ema_out / "checkpoints" / "gan_latest.pt", "gan_state")
-    saved = read(ema_out / "generator.pt", "generator")["state_dict"]
-    average = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
-    assert saved.keys() == state["generator"].keys() == average.keys()
-    assert all(torch.equal(saved[k], average[k]) for k in saved)
-    assert not all(torch.equal(saved[k], state["generator"][k]) for k in saved)
-    assert int(state["ema"]["n_averaged"]) > 1
-
-    (out / "config.yaml").unlink()  # a plain run's state, resumed with the average on
-    cfg.deprivatize.epochs = 2
-    with pytest.raises(CheckpointError, match=r"no moving average of G"):
-        run_deprivatize(cfg, out, log=lambda *a, **k: None)

@@ -151,9 +151,6 @@ class DeprivatizeConfig(_Section):
     query_every: int = Field(5, description="Query the teacher on every k-th generator step")
     query_batch: int = Field(16, description="Images queried at each such step")
     max_queries: int = Field(5000, description="The stage's own query budget")
-    ema_decay: float = Field(
-        0.0, ge=0, lt=1, description="Decay of an exponential moving average of G's weights (and "
-                                     "BatchNorm statistics), saved as the generator; 0: G as trained")
     spectral_norm: bool = Field(
         True,
         description="Spectrally normalised D without BatchNorm (SN-GAN; with d_lr 4x lr: +3.3 dev "
@@ -419,6 +416,7 @@ REMOVED: dict[str, Any] = {
     "deprivatize.select_from": ANY,
     "deprivatize.patience": None,
     "deprivatize.latent_extra": 0,
+    "deprivatize.ema_decay": 0.0,
     "deprivatize.balance_real": 0.0,
     "deprivatize.balance_from": ANY,
     "deprivatize.balance_fit_steps": ANY,

@@ -16,18 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from b2kd.blackbox import to_probs
 from b2kd.core import distributed
-from b2kd.core.checkpoint import (
-    atomic_save,
-    load_resumed,
-    module_checkpoint,
-    read,
-    resume_mismatch,
-    save_generator,
-)
+from b2kd.core.checkpoint import atomic_save, load_resumed, module_checkpoint, read, save_generator
 from b2kd.core.config import DeprivatizeConfig
 from b2kd.core.engine import epoch_generator
 from b2kd.core.grid import save_grid
@@ -56,7 +48,6 @@ class GAN:
     opt_d: torch.optim.Optimizer
     g_train: torch.nn.Module
     d_train: torch.nn.Module
-    ema: AveragedModel | None = None  # G's exponential moving average (deprivatize.ema_decay > 0)
 
     @classmethod
     def build(cls, cfg: DeprivatizeConfig, teacher: BlackBoxTeacher, seed: int, device: torch.device,
@@ -68,15 +59,8 @@ class GAN:
         opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
         opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.d_lr or cfg.lr, betas=tuple(cfg.betas))
         sync_bn = parallel is not None and parallel.sync_batchnorm
-        ema = (AveragedModel(gen, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
-               if cfg.ema_decay > 0 else None)
         return cls(gen, disc, opt_g, opt_d, distributed.wrap(gen, device, sync_bn),
-                   distributed.wrap(disc, device, sync_bn), ema)
-
-    @property
-    def final(self) -> Generator:
-        """The generator the run saves: G's moving average where there is one, else G."""
-        return self.ema.module if self.ema is not None else self.gen
+                   distributed.wrap(disc, device, sync_bn))
 
     def resume(self, state_path: Path, log) -> int:
         """The epoch to start at: after the last one ``state_path`` holds (0 without one)."""
@@ -89,10 +73,6 @@ class GAN:
         load_resumed(self.disc, state["discriminator"], state_path, "discriminator")
         load_resumed(self.opt_g, state["opt_g"], state_path, "generator's optimiser state")
         load_resumed(self.opt_d, state["opt_d"], state_path, "discriminator's optimiser state")
-        if self.ema is not None:
-            if "ema" not in state:
-                raise resume_mismatch(state_path, "it holds no moving average of G (deprivatize.ema_decay)")
-            load_resumed(self.ema, state["ema"], state_path, "generator's moving average")
         start_epoch = state["epoch"] + 1
         log(f"resuming deprivatization at epoch {start_epoch + 1}")
         return start_epoch
@@ -100,8 +80,7 @@ class GAN:
     def save_state(self, epoch: int, state_path: Path) -> None:
         atomic_save({"kind": "gan_state", "generator": self.gen.state_dict(),
                      "discriminator": self.disc.state_dict(), "opt_g": self.opt_g.state_dict(),
-                     "opt_d": self.opt_d.state_dict(), "epoch": epoch,
-                     **({"ema": self.ema.state_dict()} if self.ema is not None else {})}, state_path)
+                     "opt_d": self.opt_d.state_dict(), "epoch": epoch}, state_path)
 
 
 def deprivatize(
@@ -178,8 +157,6 @@ def train_epoch(gan: GAN, cfg: DeprivatizeConfig, private: torch.Tensor, teacher
         gan.opt_g.zero_grad(set_to_none=True)
         (g_loss if share == 1.0 else g_loss * share).backward()
         gan.opt_g.step()
-        if gan.ema is not None:
-            gan.ema.update_parameters(gan.gen)
         sums["d"] += d_loss.item()
         sums["g"] += g_loss.item()
     return distributed.mean_over_ranks({k: v / steps_per_epoch for k, v in sums.items()})
@@ -206,14 +183,14 @@ def paid_information_term(cfg: DeprivatizeConfig, teacher: BlackBoxTeacher, fake
 def save_generator_and_samples(gan: GAN, cfg: DeprivatizeConfig, teacher: BlackBoxTeacher, out: Path,
                                seed: int, device: torch.device) -> dict:
     """generator.pt, a grid of 64 samples, and D (for the balanced pool's realism filter)."""
-    gen = gan.final.eval()
+    gan.gen.eval()
     with torch.no_grad():
         z = torch.randn(64, teacher.num_classes, generator=torch.Generator().manual_seed(seed))
-        samples = quantize_uint8(gen(z.to(device))).cpu()
+        samples = quantize_uint8(gan.gen(z.to(device))).cpu()
     grid = save_grid(samples, out / "images" / "generator_samples.png", nrow=8)
     meta = {"role": "generator", "image_shape": list(teacher.image_shape),
             "num_classes": teacher.num_classes, "epochs": cfg.epochs, "queries": teacher.spent}
-    save_generator(gen.cpu(), out / "generator.pt", **meta)
+    save_generator(gan.gen.cpu(), out / "generator.pt", **meta)
     # D of the last epoch, for the balanced pool's realism filter (b2kd.pool.realism)
     atomic_save(module_checkpoint("discriminator", gan.disc.cpu(), epoch=cfg.epochs - 1), out / "discriminator.pt")
     return {**meta, "generator": str(out / "generator.pt"), "samples": str(grid)}
