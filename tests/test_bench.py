@@ -95,6 +95,22 @@ def test_matrix_runs_resumes_without_redoing_cells_and_reports(toy_bench, tmp_pa
     assert (out / "accuracy-none.png").stat().st_size > 1000
 
 
+def test_a_row_names_the_threads_its_cell_ran_with(toy_bench):
+    """The first cell of a bench process sets the bench's ``threads``; its row says so (it used
+    to name the process's count from before the cell)."""
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    bench = yaml.safe_load(toy_bench.read_text())
+    bench.update(methods=bench["methods"][:1], budgets=[40], seeds=[0])
+    bench["set"]["threads"] = want
+    toy_bench.write_text(yaml.safe_dump(bench))
+    try:
+        _, rows = run_bench(toy_bench, log=lambda *_: None)
+    finally:
+        torch.set_num_threads(before)
+    assert rows[0]["status"] == "ok" and rows[0]["hardware"].endswith(f" {want} threads")
+
+
 def test_summary_is_mean_and_std_over_seeds():
     rows = [{"gap": "none", "method": "kd", "white_box": False, "response": "soft", "budget": 10,
              "seed": s, "status": "ok", "student_acc": a, "student_acc_last": a, "fidelity": a,

@@ -210,7 +210,6 @@ def run_cell(bench: BenchConfig, base: Path, gap: GapSpec, spec: MethodSpec, res
     from b2kd.pipeline import run_distill, run_evaluate
 
     out = cell.parents[2]
-    row = {**row, "hardware": hardware()}
     uses_gan = get_method(spec.name).source == "generator"
     start = time.perf_counter()
     try:
@@ -223,9 +222,10 @@ def run_cell(bench: BenchConfig, base: Path, gap: GapSpec, spec: MethodSpec, res
         log(f"FAILED {gap.name}/{cell.name}: {message}")
         (cell / "error.txt").parent.mkdir(parents=True, exist_ok=True)
         (cell / "error.txt").write_text(traceback.format_exc())
-        return {**row, "status": "failed", "error": message}
+        return {**row, "status": "failed", "error": message, "hardware": hardware()}
     row.update(
-        status="ok", teacher_acc=report["teacher_acc"], student_acc=report["student_acc"],
+        # hardware after run_distill: with the thread count the cell set
+        status="ok", hardware=hardware(), teacher_acc=report["teacher_acc"], student_acc=report["student_acc"],
         student_acc_last=report["latest"]["acc"], dev_acc=report.get("dev_acc"),
         fidelity=report["fidelity"], **_gap_fields(report.get("synthetic_vs_real")),
         queries=summary["queries"], bytes_sent=summary["bytes_sent"],
