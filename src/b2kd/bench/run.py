@@ -224,8 +224,8 @@ def run_cell(bench: BenchConfig, base: Path, gap: GapSpec, spec: MethodSpec, res
         (cell / "error.txt").write_text(traceback.format_exc())
         return {**row, "status": "failed", "error": message, "hardware": hardware()}
     row.update(
-        # hardware after run_distill: with the thread count the cell set
-        status="ok", hardware=hardware(), teacher_acc=report["teacher_acc"], student_acc=report["student_acc"],
+        status="ok", hardware=hardware(),  # read after run_distill set the cell's threads
+        teacher_acc=report["teacher_acc"], student_acc=report["student_acc"],
         student_acc_last=report["latest"]["acc"], dev_acc=report.get("dev_acc"),
         fidelity=report["fidelity"], **_gap_fields(report.get("synthetic_vs_real")),
         queries=summary["queries"], bytes_sent=summary["bytes_sent"],
