@@ -27,7 +27,7 @@ from b2kd.pipeline import run_deprivatize, run_distill, run_evaluate, run_teache
 CONFIG = "configs/demo.yaml"
 
 
-def rates(k: int) -> list[str]:
+def rates(k: float) -> list[str]:
     """The SN GAN at k times the reference's Adam rates (G 2e-4, D 8e-4); b2kd's default is k=4."""
     return ["deprivatize.spectral_norm=true", f"deprivatize.lr={2e-4 * k:g}", f"deprivatize.d_lr={8e-4 * k:g}"]
 
@@ -43,6 +43,10 @@ GANS = {
     "sn15lr2w": [*rates(2), "deprivatize.epochs=15", "deprivatize.widths=[128,64]"],  # full widths
     "sn15lr4b0": [*rates(4), "deprivatize.epochs=15", "deprivatize.betas=[0.0,0.99]"],  # SN-GAN's betas
     "sn25lr4": [*rates(4), "deprivatize.epochs=25"],  # the default GAN at the benches' length
+    "sn40lr4": [*rates(4), "deprivatize.epochs=40"],  # ... and at the gap bench's length
+    # the rates scaled by 15 / epochs past 15 epochs: a long run takes smaller steps
+    "sn25lr24": [*rates(2.4), "deprivatize.epochs=25"],
+    "sn40lr15": [*rates(1.5), "deprivatize.epochs=40"],
 }
 # (name, GAN or None, method, overrides): the recipe is the config's as it stands
 VARIANTS = {
@@ -55,6 +59,9 @@ VARIANTS = {
     "mekd-sn15lr8": ("sn15lr8", "mekd", []),
     "mekd-sn15lr4b0": ("sn15lr4b0", "mekd", []),
     "mekd-sn25lr4": ("sn25lr4", "mekd", []),
+    "mekd-sn40lr4": ("sn40lr4", "mekd", []),
+    "mekd-sn25lr24": ("sn25lr24", "mekd", []),
+    "mekd-sn40lr15": ("sn40lr15", "mekd", []),
     "mekd-sn15lr2-real50": ("sn15lr2", "mekd", ["distill.balance_realism=0.5"]),
     # the anchored pool, CORAL, mixup among generator images, distribution alignment of the
     # pseudo-labels, R1 and hinge loss in the GAN, a label-free stopping rule for the GAN, a

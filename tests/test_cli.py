@@ -8,6 +8,7 @@ of this module; the kill -9 test and the one-line-error test use real processes.
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import re
 import signal
@@ -24,6 +25,7 @@ import yaml
 from toy import PLAIN_DISTILL
 from typer.testing import CliRunner
 
+import b2kd
 from b2kd.cli import app
 from b2kd.core.checkpoint import read
 from b2kd.core.config import load_config
@@ -402,6 +404,23 @@ def test_evaluate_recreates_the_reports(distilled):
     assert after["best"]["epoch"] == before["best"]["epoch"]
     assert after["pool_labels"] == before["pool_labels"]
     assert ("warning: thin" in result.stdout) == bool(after["pool_labels"]["thin_classes"])
+
+
+def test_a_run_written_by_a_newer_b2kd_names_both_versions(distilled, tmp_path):
+    """A run's config.yaml names the b2kd that wrote it; one with keys this version does not know
+    is one line naming that version, this one and the keys, and nothing is rewritten."""
+    run = tmp_path / "newer"
+    shutil.copytree(distilled["soft"][0], run)
+    tree = yaml.safe_load((run / "config.yaml").read_text())
+    assert tree["b2kd_version"] == b2kd.__version__
+    tree["b2kd_version"] = "9.0.0"
+    tree["distill"]["shiny_lever"] = 0.5
+    (run / "config.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    before = (run / "report.json").read_bytes()
+    result = invoke("evaluate", run)
+    assert_user_error(result, "written by b2kd 9.0.0")
+    assert f"b2kd {b2kd.__version__} does not know: distill.shiny_lever" in result.output
+    assert (run / "report.json").read_bytes() == before
 
 
 def test_evaluate_on_a_directory_that_is_not_a_run(tmp_path):

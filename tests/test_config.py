@@ -1,6 +1,7 @@
 import pytest
 import yaml
 
+import b2kd
 from b2kd.core.config import ConfigError, load_config, parse_override, save_config
 
 
@@ -96,7 +97,29 @@ def test_resolved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg
-    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["distill"]["response"] == "hard"
+    stored = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert stored["distill"]["response"] == "hard"
+    assert stored["b2kd_version"] == b2kd.__version__
+
+
+def test_a_config_with_keys_this_version_does_not_know_names_who_wrote_it(tmp_path):
+    tree = yaml.safe_load(yaml.safe_dump(load_config().model_dump(mode="json")))
+    tree["distill"]["lever"] = 1
+    tree["cloud"] = {"region": "x"}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"b2kd_version": "9.1.0", **tree}))
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides=["distill.epochs=many"])
+    line = str(err.value)
+    assert "\n" not in line
+    assert line.startswith(f"{path} was written by b2kd 9.1.0 and sets keys b2kd {b2kd.__version__}"
+                           " does not know: distill.lever, cloud;")
+    assert "(also: distill.epochs: Input should be a valid integer" in line
+    path.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match="names no b2kd version .* does not know: distill.lever, cloud"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="^invalid configuration: distill.lever: Extra inputs"):
+        load_config(overrides=["distill.lever=1"])  # not from a file: no version to name
 
 
 @pytest.mark.parametrize("name", ["demo", "paper-mnist"])

@@ -19,6 +19,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
+from b2kd import __version__
+
 
 class ConfigError(Exception):
     """A configuration file or override that cannot be used."""
@@ -460,6 +462,10 @@ def _shown(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (str, list, tuple, type(None), bool)) else str(value)
 
 
+#: The top-level key of a run's config.yaml naming the b2kd version that wrote it.
+VERSION_KEY = "b2kd_version"
+MAX_UNKNOWN = 4
+
 #: Secrets that stay out of the config.yaml written into run directories.
 SECRETS = {"teacher": {"api_key"}, "serve": {"api_keys", "metrics_key", "store"}}
 
@@ -516,6 +522,8 @@ def load_config(
             logging.getLogger("b2kd").warning(
                 f"{path}: ignoring settings of options b2kd no longer has (they measured no better on"
                 f" the dev split): {line}")
+    written_by = tree.pop(VERSION_KEY, None) if path is not None else None
+    in_file = _dotted_keys(tree) if path is not None else set()
     given = [(k, v) for k, v in (options or {}).items() if v is not None]
     for key, value in given + [parse_override(text) for text in overrides or []]:
         if key in REMOVED:
@@ -528,14 +536,36 @@ def load_config(
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
-        )
-        raise ConfigError(f"invalid configuration: {problems}") from None
+        raise ConfigError(_invalid(exc, path, written_by, in_file)) from None
+
+
+def _dotted_keys(tree: dict) -> set[str]:
+    """'section' and 'section.key' for every section and key of a config tree."""
+    keys = set(tree)
+    for section, node in tree.items():
+        if isinstance(node, dict):
+            keys.update(f"{section}.{key}" for key in node)
+    return keys
+
+
+def _invalid(exc: ValidationError, path: Path | None, written_by: Any, in_file: set[str]) -> str:
+    """One line for a config that does not validate. Keys of the file this version does not know
+    name the version that wrote the file (its ``b2kd_version``) beside this one."""
+    located = [(".".join(map(str, e["loc"])), e) for e in exc.errors()]
+    unknown = [loc for loc, e in located if e["type"] == "extra_forbidden" and loc in in_file]
+    rest = "; ".join(f"{loc}: {e['msg']}" for loc, e in located if loc not in unknown)
+    if not unknown:
+        return f"invalid configuration: {rest}"
+    keys = ", ".join(unknown[:MAX_UNKNOWN]) + (f" and {len(unknown) - MAX_UNKNOWN} more"
+                                               if len(unknown) > MAX_UNKNOWN else "")
+    source = (f"{path} was written by b2kd {written_by}" if written_by is not None else
+              f"{path} names no b2kd version (written by hand, or by a b2kd that did not record it)")
+    return (f"{source} and sets keys b2kd {__version__} does not know: {keys}; read it with the"
+            " version that wrote it, or drop those keys" + (f" (also: {rest})" if rest else ""))
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """The fully resolved configuration, written into the run directory."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tree = cfg.model_dump(mode="json", exclude=SECRETS)
+    tree = {VERSION_KEY: __version__, **cfg.model_dump(mode="json", exclude=SECRETS)}
     Path(path).write_text(yaml.safe_dump(tree, sort_keys=False))
