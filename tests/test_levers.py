@@ -235,3 +235,30 @@ def test_pick_unsure_share_sets_how_many_are_the_least_confident():
     # the default share: ceil(half) least confident, as before the option
     assert torch.equal(pick(pred, conf, torch.tensor([3]), rng()), pick(pred, conf, torch.tensor([3]), rng(), 0.5))
     assert {1, 4} <= set(pick(pred, conf, torch.tensor([3]), rng()).tolist())
+
+
+def test_domain_mixup_by_hand():
+    # one paid image (all 255 -> 1.0) and one private image (all 0); the student reads one pixel:
+    # logits (2x, 0). The mix is the pixel lam, the target lam * teacher + (1 - lam) * the student's
+    # own answer on the private image, softmax(0, 0) = (1/2, 1/2).
+    from b2kd.data.augment import Augment
+    from b2kd.distill.semisup import DomainMixup
+
+    student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(1, 2))
+    with torch.no_grad():
+        student[1].weight.copy_(torch.tensor([[2.0], [0.0]]))
+        student[1].bias.zero_()
+    paid = torch.full((1, 1, 1, 1), 255, dtype=torch.uint8)
+    private = torch.zeros((1, 1, 1, 1), dtype=torch.uint8)
+    teacher = torch.tensor([[0.9, 0.1]])
+    term = DomainMixup(private, paid, teacher, torch.tensor([0]), batch_size=1, weight=0.5,
+                       weak=Augment(), device=torch.device("cpu"))
+    loss, parts = term.loss(student, torch.Generator().manual_seed(0))
+    replay = torch.Generator().manual_seed(0)  # the same draws: paid index, private index, lam
+    torch.randint(1, (1,), generator=replay), torch.randint(1, (1,), generator=replay)
+    lam = torch.rand(1, 1, generator=replay).item()
+    q0 = math.exp(2 * lam) / (math.exp(2 * lam) + 1)
+    t0 = 0.9 * lam + 0.5 * (1 - lam)
+    expected = -(t0 * math.log(q0) + (1 - t0) * math.log(1 - q0))
+    assert parts["domain_mixup"] == pytest.approx(expected, rel=1e-5)
+    assert loss.item() == pytest.approx(0.5 * expected, rel=1e-5)

@@ -224,6 +224,11 @@ class DistillConfig(_Section):
         0.95, ge=0, le=1, description="Confidence a pseudo-label needs to count")
     unlabelled_ratio: float = Field(
         1.0, gt=0, description="Private images per step, as a multiple of batch_size")
+    domain_mixup: float = Field(
+        1.0, ge=0,
+        description="With local_unlabelled: weight of the inter-domain mixup term (paid generator "
+                    "images mixed with private ones, trained on the same mix of the teacher's answer "
+                    "and the student's own; 0: off)")
     reuse_setup: bool = Field(
         True,
         description="Generator methods: add deprivatization's paid answers to the pool (no new "

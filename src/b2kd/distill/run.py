@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from b2kd.blackbox import top1
+from b2kd.blackbox import to_probs, top1
 from b2kd.core import distributed
 from b2kd.core.checkpoint import atomic_save
 from b2kd.core.config import Config
@@ -24,7 +24,7 @@ from b2kd.data import Augment
 from b2kd.data.augment import StrongAugment
 from b2kd.distill.methods import get_method
 from b2kd.distill.methods.base import Acquisition
-from b2kd.distill.semisup import LocalUnlabelled
+from b2kd.distill.semisup import DomainMixup, LocalUnlabelled
 from b2kd.distill.step import combined, train_step
 from b2kd.edge import BlackBoxTeacher
 from b2kd.models import build_model
@@ -112,16 +112,24 @@ def optimisation(cfg: Config, student: torch.nn.Module, plan: Plan, embeddings, 
 
 
 def on_device_terms(d, student: torch.nn.Module, unlabelled: torch.Tensor | None, augment,
-                    device: torch.device) -> list:
+                    device: torch.device,
+                    pool: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> list:
     """The terms that read the private images on the device (never sent): the semi-supervised
-    term of ``distill.local_unlabelled``; each is ``term(rng) -> (loss, parts)``."""
+    term of ``distill.local_unlabelled`` and, with ``distill.domain_mixup``, the inter-domain mixup
+    of the paid ``pool`` (images, the teacher's answers as probabilities, the training indices)
+    with them; each is ``term(rng) -> (loss, parts)``."""
     if not d.local_unlabelled:
         return []
     if unlabelled is None:
         raise ValueError("distill.local_unlabelled is set, but no private images were given")
-    local = LocalUnlabelled(unlabelled, max(1, round(d.batch_size * d.unlabelled_ratio)),
-                            d.unlabelled_threshold, d.unlabelled_weight, augment, StrongAugment(), device)
-    return [lambda rng: local.loss(student, rng)]
+    batch = max(1, round(d.batch_size * d.unlabelled_ratio))
+    local = LocalUnlabelled(unlabelled, batch, d.unlabelled_threshold, d.unlabelled_weight, augment,
+                            StrongAugment(), device)
+    terms = [lambda rng: local.loss(student, rng)]
+    if d.domain_mixup > 0 and pool is not None:
+        mix = DomainMixup(unlabelled, *pool, batch, d.domain_mixup, augment, device)
+        terms.append(lambda rng: mix.loss(student, rng))
+    return terms
 
 
 class Trainer:
@@ -232,7 +240,8 @@ def distill(
     select = d.select if len(val_idx) else "last"
     meta = {"role": "student", "method": d.method, "response": str(teacher.kind), "arch": d.student}
     extras = {"feature_projection": features.proj} if features is not None else {}
-    terms = on_device_terms(d, student, unlabelled, augment, device)
+    terms = on_device_terms(d, student, unlabelled, augment, device,
+                            (images, to_probs(responses, teacher.kind).to(device), train_idx))
     engine = Engine(out, student, optimizer, scheduler, plan.epochs, cfg.seed, select=select, meta=meta,
                     schedule_per="step", writes=distributed.is_main(), extras=extras)
     if engine.resume(distributed.checkpoint_from_rank0(engine.latest_path)):

@@ -6,6 +6,10 @@ batch of them (shifted copies) and, where it is confident, learns to give the
 same label to a strongly augmented view (FixMatch, Sohn et al., 2020). The
 images are read on the device only; nothing here can reach the teacher, so the
 ledger keeps holding generator images alone.
+
+With ``distill.domain_mixup``, a second term mixes paid generator images with private
+ones pixel-wise and trains the student on the same mix of the teacher's answer and its
+own prediction (inter-domain mixup): examples between the two domains, at no query.
 """
 
 from __future__ import annotations
@@ -51,3 +55,36 @@ class LocalUnlabelled:
         strong_logits = student(self.strong(batch, generator=rng).to(self.device))
         loss, kept = consistency_loss(weak_logits, strong_logits, self.threshold)
         return self.weight * loss, {"unlabelled": float(loss.detach()), "confident": kept}
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 bytes -> floats in [0, 1] (what a classifier reads as the same image), so they can be mixed."""
+    return x.float() / 255 if x.dtype == torch.uint8 else x
+
+
+class DomainMixup:
+    """Inter-domain mixup: a paid generator image and a private image mixed pixel-wise, trained on the
+    same mix of the teacher's answer and the student's own prediction on the private image (a bridge
+    between the synthetic and the real domain; no query, the private images stay on the device)."""
+
+    def __init__(self, private: torch.Tensor, images: torch.Tensor, targets: torch.Tensor,
+                 train_idx: torch.Tensor, batch_size: int, weight: float, weak: Augment,
+                 device: torch.device):
+        self.private, self.images, self.targets = private, images, targets
+        self.train_idx, self.batch_size, self.weight = train_idx, batch_size, weight
+        self.weak, self.device = weak, device
+
+    def loss(self, student: torch.nn.Module,
+             rng: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        n = self.batch_size
+        paid = self.train_idx[torch.randint(len(self.train_idx), (n,), generator=rng)].to(self.images.device)
+        real = self.private[torch.randint(len(self.private), (n,), generator=rng)]
+        x_paid = unit(self.weak(self.images[paid], generator=rng).to(self.device))
+        x_real = unit(self.weak(real, generator=rng).to(self.device))
+        with torch.no_grad():
+            p_real = F.softmax(student(x_real), dim=1)
+        lam = torch.rand(n, 1, generator=rng).to(self.device)
+        x = lam.view(-1, 1, 1, 1) * x_paid + (1 - lam.view(-1, 1, 1, 1)) * x_real
+        target = lam * self.targets[paid].to(self.device) + (1 - lam) * p_real
+        loss = -(target * F.log_softmax(student(x), dim=1)).sum(1).mean()
+        return self.weight * loss, {"domain_mixup": float(loss.detach())}
