@@ -67,7 +67,8 @@ VARIANTS = {
     # pseudo-labels, R1 and hinge loss in the GAN, a label-free stopping rule for the GAN, a
     # domain-adversarial student, a 64-dimensional latent, the realism filter scored by the
     # nearest private image and a moving average of G's weights were measured here and removed
-    # (docs/research-notes/synthetic-to-real.md)
+    # (docs/research-notes/synthetic-to-real.md). Every MEKD variant trains with inter-domain
+    # mixup, the default since 252271b; `--set distill.domain_mixup=0` gives the rows before it.
     # the upper bound: the teacher's answers on the real private images (KD; never a product mode)
     "kd-real": (None, "kd", ["distill.local_unlabelled=false", "distill.transfer_copies=true"]),
 }
