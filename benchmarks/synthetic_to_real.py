@@ -115,9 +115,15 @@ def dev_per_class(run: Path, cfg) -> list[float]:
                                                            int(labels.max()) + 1)]
 
 
+def tag(extra: list[str]) -> str:
+    """The cell's name says its extra overrides, so a finished cell is never read back for another
+    setting: ["distill.domain_mixup=2"] -> "-domain_mixup2"."""
+    return "".join("-" + item.split(".")[-1].replace("=", "").replace("/", "_") for item in extra)
+
+
 def student(out: Path, variant: str, response: str, seed: int, dataset: str, teacher_path: str,
             generator: str | None, threads: int, extra: list[str]) -> dict:
-    run = out / f"{variant}-{response}-s{seed}"
+    run = out / f"{variant}{tag(extra)}-{response}-s{seed}"
     cell = done(run / "cell.json")
     if cell is None:
         _, method, overrides = VARIANTS[variant]
