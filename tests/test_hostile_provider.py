@@ -392,20 +392,22 @@ def test_a_quota_refusal_that_states_nothing_left_is_not_shrunk(tmp_path):
 
 def test_each_answer_names_its_provider_and_another_providers_ledger_is_refused(tmp_path):
     path = tmp_path / "ledger.sqlite"
-    with Scripted(rows(uniform)) as first, HTTPTeacher(first.url, **FAST) as backend:
-        with Ledger(path) as ledger:
-            BlackBoxTeacher(backend, ledger).query(images(4))
-            (provider,) = ledger.providers()
-    assert (provider.url, provider.model, provider.response) == (first.url, "teacher", "soft")
-    with Scripted(rows(uniform)) as other, HTTPTeacher(other.url, **FAST) as backend:
-        with Ledger(path) as ledger:
-            assert ledger.other_providers(backend.provider) == [provider]
-            with pytest.raises(MixedProviders) as caught:
-                BlackBoxTeacher(backend, ledger)
-            assert "teacher.allow_mixed_providers=true" in one_line(caught.value)
-            assert first.url in str(caught.value) and other.url in str(caught.value)
-            BlackBoxTeacher(backend, ledger, allow_mixed_providers=True).query(images(4, seed=1))
-            assert len(ledger.providers()) == 2 and ledger.count() == 8
+    # the first server stays up: a server started after it closed may get its port, and so its URL
+    with Scripted(rows(uniform)) as first:
+        with HTTPTeacher(first.url, **FAST) as backend:
+            with Ledger(path) as ledger:
+                BlackBoxTeacher(backend, ledger).query(images(4))
+                (provider,) = ledger.providers()
+        assert (provider.url, provider.model, provider.response) == (first.url, "teacher", "soft")
+        with Scripted(rows(uniform)) as other, HTTPTeacher(other.url, **FAST) as backend:
+            with Ledger(path) as ledger:
+                assert ledger.other_providers(backend.provider) == [provider]
+                with pytest.raises(MixedProviders) as caught:
+                    BlackBoxTeacher(backend, ledger)
+                assert "teacher.allow_mixed_providers=true" in one_line(caught.value)
+                assert first.url in str(caught.value) and other.url in str(caught.value)
+                BlackBoxTeacher(backend, ledger, allow_mixed_providers=True).query(images(4, seed=1))
+                assert len(ledger.providers()) == 2 and ledger.count() == 8
 
 
 OLD_SCHEMA = """
@@ -438,20 +440,21 @@ def test_the_shared_cache_records_each_answers_provider_and_refuses_another_prov
     from b2kd.edge.cache import SharedCache
 
     shared = tmp_path / "shared.sqlite"
-    with Scripted(rows(uniform)) as first, HTTPTeacher(first.url, **FAST) as backend, Ledger(shared) as cache:
-        BlackBoxTeacher(SharedCache(backend, cache), Ledger(tmp_path / "a.sqlite")).query(images(4))
-        assert cache.providers() == [backend.provider]
-    with Scripted(rows(uniform)) as other, HTTPTeacher(other.url, **FAST) as backend, Ledger(shared) as cache:
-        with pytest.raises(MixedProviders) as caught:
-            SharedCache(backend, cache)
-        line = one_line(caught.value)
-        assert "shared ledger (teacher.shared_cache)" in line and "teacher.allow_mixed_providers=true" in line
-        assert first.url in line and other.url in line
-        assert other.infers == 0  # refused before anything was sent
-        mixed = BlackBoxTeacher(SharedCache(backend, cache, allow_mixed_providers=True),
-                                Ledger(tmp_path / "b.sqlite"), allow_mixed_providers=True)
-        mixed.query(images(4, seed=1))
-        assert len(cache.providers()) == 2 and cache.count() == 8
+    with Scripted(rows(uniform)) as first:  # up throughout: the other server gets another port
+        with HTTPTeacher(first.url, **FAST) as backend, Ledger(shared) as cache:
+            BlackBoxTeacher(SharedCache(backend, cache), Ledger(tmp_path / "a.sqlite")).query(images(4))
+            assert cache.providers() == [backend.provider]
+        with Scripted(rows(uniform)) as other, HTTPTeacher(other.url, **FAST) as backend, Ledger(shared) as cache:
+            with pytest.raises(MixedProviders) as caught:
+                SharedCache(backend, cache)
+            line = one_line(caught.value)
+            assert "shared ledger (teacher.shared_cache)" in line and "teacher.allow_mixed_providers=true" in line
+            assert first.url in line and other.url in line
+            assert other.infers == 0  # refused before anything was sent
+            mixed = BlackBoxTeacher(SharedCache(backend, cache, allow_mixed_providers=True),
+                                    Ledger(tmp_path / "b.sqlite"), allow_mixed_providers=True)
+            mixed.query(images(4, seed=1))
+            assert len(cache.providers()) == 2 and cache.count() == 8
 
 
 def test_a_run_whose_shared_cache_holds_another_providers_answers_is_refused_before_a_query(tmp_path):
@@ -459,13 +462,14 @@ def test_a_run_whose_shared_cache_holds_another_providers_answers_is_refused_bef
     from b2kd.edge.connect import open_teacher
 
     shared = tmp_path / "shared.sqlite"
-    with Scripted(rows(uniform)) as first, HTTPTeacher(first.url, **FAST) as backend, Ledger(shared) as cache:
-        BlackBoxTeacher(backend, cache).query(images(2))
-    with Scripted(rows(uniform)) as other:
-        cfg = load_config(None, None, [f"teacher.url={other.url}", f"teacher.shared_cache={shared}", *FAST_CONFIG])
-        with pytest.raises(MixedProviders, match=r"the shared ledger \(teacher.shared_cache\)"):
-            open_teacher(cfg, tmp_path / "run", "soft", 10, "distill")
-        assert other.infers == 0
+    with Scripted(rows(uniform)) as first:  # up throughout: the other server gets another port
+        with HTTPTeacher(first.url, **FAST) as backend, Ledger(shared) as cache:
+            BlackBoxTeacher(backend, cache).query(images(2))
+        with Scripted(rows(uniform)) as other:
+            cfg = load_config(None, None, [f"teacher.url={other.url}", f"teacher.shared_cache={shared}", *FAST_CONFIG])
+            with pytest.raises(MixedProviders, match=r"the shared ledger \(teacher.shared_cache\)"):
+                open_teacher(cfg, tmp_path / "run", "soft", 10, "distill")
+            assert other.infers == 0
 
 
 def test_an_old_shared_cache_migrates_its_answers_provider_unknown(tmp_path):
@@ -590,13 +594,17 @@ def test_rerunning_an_out_against_another_provider_is_one_line_and_rewrites_noth
 
     run = tmp_path / "run"
     extra = ["--teacher", toy / "teacher.pt"] if local_copy else []
+    # the first server stays up while the other runs: a server started after it closed may be given
+    # the same port, and so the same URL, which no client can tell from the first provider
     with Scripted(rows(uniform)) as first:
         assert_ok(distill(toy, run, first.url, *extra))
-    before = {name: hashlib.sha256((run / name).read_bytes()).hexdigest() for name in ("config.yaml", "ledger.sqlite")}
-    with Scripted(rows(uniform)) as other:
-        start = time.monotonic()
-        result = distill(toy, run, other.url, *extra)
-        assert time.monotonic() - start < 10 + SLACK
+        before = {name: hashlib.sha256((run / name).read_bytes()).hexdigest()
+                  for name in ("config.yaml", "ledger.sqlite")}
+        with Scripted(rows(uniform)) as other:
+            assert other.url != first.url
+            start = time.monotonic()
+            result = distill(toy, run, other.url, *extra)
+            assert time.monotonic() - start < 10 + SLACK
     needle = "holds answers from another provider" if local_copy else f"teacher.url: '{first.url}' -> '{other.url}'"
     assert_user_error(result, needle)
     assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
