@@ -13,6 +13,11 @@ import torch
 import torch.nn.functional as F
 
 
+def unit(x: torch.Tensor) -> torch.Tensor:
+    """uint8 bytes -> floats in [0, 1], the same image as a classifier reads it (floats as floats)."""
+    return x.float() / 255 if x.dtype == torch.uint8 else x.float()
+
+
 def random_crop(
     x: torch.Tensor, padding: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -90,8 +95,7 @@ class StrongAugment:
     cutout: int = 8
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        x = random_affine(x, self.degrees, self.translate, self.scale, generator)
+        x = random_affine(unit(x), self.degrees, self.translate, self.scale, generator)
         if self.contrast > 0:
             factor = 1 - torch.rand(x.shape[0], 1, 1, 1, generator=generator).to(x.device) * self.contrast
             mean = x.mean(dim=(1, 2, 3), keepdim=True)

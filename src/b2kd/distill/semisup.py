@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from b2kd.data.augment import Augment, StrongAugment
+from b2kd.data.augment import Augment, StrongAugment, unit
 
 
 def consistency_loss(weak_logits: torch.Tensor, strong_logits: torch.Tensor,
@@ -55,11 +55,6 @@ class LocalUnlabelled:
         strong_logits = student(self.strong(batch, generator=rng).to(self.device))
         loss, kept = consistency_loss(weak_logits, strong_logits, self.threshold)
         return self.weight * loss, {"unlabelled": float(loss.detach()), "confident": kept}
-
-
-def unit(x: torch.Tensor) -> torch.Tensor:
-    """uint8 bytes -> floats in [0, 1] (what a classifier reads as the same image), so they can be mixed."""
-    return x.float() / 255 if x.dtype == torch.uint8 else x
 
 
 class DomainMixup:

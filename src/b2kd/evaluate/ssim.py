@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from b2kd.data.augment import unit
+
 WINDOW = 11  # the paper's 11x11 Gaussian window, sigma 1.5
 SIGMA = 1.5
 K1, K2 = 0.01, 0.03
@@ -49,8 +51,7 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"ssim needs pairs of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}"
         )
-    a = a.float() / 255 if a.dtype == torch.uint8 else a.float()
-    b = b.float() / 255 if b.dtype == torch.uint8 else b.float()
+    a, b = unit(a), unit(b)
     h, w = a.shape[-2:]
     size = min(WINDOW, h, w)
     window = _gaussian(size, SIGMA * size / WINDOW).to(a.device)
