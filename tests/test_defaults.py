@@ -42,6 +42,7 @@ RECIPE = {
     "deprivatize.response": "soft",
     "deprivatize.spectral_norm": True,
     "deprivatize.d_lr": 3.2e-3,
+    "deprivatize.d_dropout": 0.0,
 }
 
 # what configs/demo.yaml may set: the run's size, never the recipe
@@ -90,7 +91,7 @@ def test_the_reference_config_keeps_the_reference_recipe():
     assert (paper.reuse_setup, paper.pool, paper.local_unlabelled, paper.student) == \
         (False, "random", False, "resnet8")
     gan = load_config(CONFIGS / "paper-mnist.yaml").deprivatize
-    assert (gan.lr, gan.d_lr, gan.spectral_norm) == (2e-4, None, False)
+    assert (gan.lr, gan.d_lr, gan.spectral_norm, gan.d_dropout) == (2e-4, None, False, 0.25)
 
 
 def test_bench_baselines_do_not_train_on_the_private_images():

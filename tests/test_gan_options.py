@@ -54,3 +54,37 @@ def test_resuming_a_gan_made_with_another_discriminator_is_one_clear_error(toy_r
     with pytest.raises(CheckpointError, match=r"cannot resume from .*gan_latest\.pt: its discriminator"):
         run_deprivatize(cfg, out, log=lambda *a, **k: None)
     assert latest.read_bytes() == before
+
+
+def test_d_dropout_sets_the_discriminators_dropout_layers():
+    from torch import nn
+
+    from b2kd.models import Discriminator
+
+    def rates(disc):
+        return [m.p for m in disc.modules() if isinstance(m, nn.Dropout2d)]
+
+    assert rates(Discriminator(28, 1, spectral_norm=True, dropout=0.0)) == []
+    assert rates(Discriminator(28, 1, spectral_norm=True, dropout=0.25)) == [0.25] * 4
+    assert Discriminator(28, 1, dropout=0.0).config["dropout"] == 0.0
+
+
+def test_the_realism_filter_reads_a_gan_state_of_either_dropout(tmp_path):
+    """An older run without discriminator.pt: D is rebuilt from gan_latest.pt, whose layer indices
+    say whether it was made with dropout."""
+    from b2kd.core.checkpoint import atomic_save, save_generator
+    from b2kd.models import Discriminator, Generator
+    from b2kd.pool.realism import load_discriminator
+
+    gen = Generator(10, 28, 1, (8, 4))
+    for dropout in (0.0, 0.25):
+        run = tmp_path / f"d{dropout}"
+        (run / "checkpoints").mkdir(parents=True)
+        save_generator(gen, run / "generator.pt", role="generator")
+        disc = Discriminator(28, 1, spectral_norm=True, dropout=dropout)
+        atomic_save({"kind": "gan_state", "discriminator": disc.state_dict()},
+                    run / "checkpoints" / "gan_latest.pt")
+        loaded = load_discriminator(run / "generator.pt")
+        assert loaded.config["dropout"] == dropout
+        x = torch.rand(3, 1, 28, 28) * 2 - 1
+        assert torch.allclose(loaded(x), disc.eval()(x))

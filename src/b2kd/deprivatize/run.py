@@ -55,7 +55,7 @@ class GAN:
         channels, size, _ = teacher.image_shape
         torch.manual_seed(seed)
         gen = Generator(teacher.num_classes, size, channels, tuple(cfg.widths)).to(device)
-        disc = Discriminator(size, channels, spectral_norm=cfg.spectral_norm).to(device)
+        disc = Discriminator(size, channels, spectral_norm=cfg.spectral_norm, dropout=cfg.d_dropout).to(device)
         opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
         opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.d_lr or cfg.lr, betas=tuple(cfg.betas))
         sync_bn = parallel is not None and parallel.sync_batchnorm

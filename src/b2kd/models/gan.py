@@ -71,7 +71,8 @@ class Discriminator(nn.Module):
     ``binary_cross_entropy_with_logits``, which is stable where log(sigmoid)
     is not. With ``spectral_norm`` every convolution and the head are spectrally
     normalised (Miyato et al., ICLR 2018), which bounds D's Lipschitz constant,
-    and D has no BatchNorm (SN-GAN's discriminator has none).
+    and D has no BatchNorm (SN-GAN's discriminator has none). ``dropout`` is the
+    rate of the Dropout2d after each convolution (the reference's 0.25; 0: none).
     """
 
     def __init__(
@@ -80,15 +81,18 @@ class Discriminator(nn.Module):
         channels: int = 1,
         widths: Sequence[int] = (16, 32, 64, 128),
         spectral_norm: bool = False,
+        dropout: float = 0.25,
     ) -> None:
         super().__init__()
         self.config = {"image_size": image_size, "channels": channels, "widths": list(widths),
-                       "spectral_norm": spectral_norm}
+                       "spectral_norm": spectral_norm, "dropout": dropout}
         sn = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
         layers: list[nn.Module] = []
         in_ch, side = channels, image_size
         for i, width in enumerate(widths):
-            layers += [sn(nn.Conv2d(in_ch, width, 3, 2, 1)), nn.LeakyReLU(0.2), nn.Dropout2d(0.25)]
+            layers += [sn(nn.Conv2d(in_ch, width, 3, 2, 1)), nn.LeakyReLU(0.2)]
+            if dropout > 0:
+                layers.append(nn.Dropout2d(dropout))
             if i > 0 and not spectral_norm:
                 layers.append(nn.BatchNorm2d(width))
             in_ch, side = width, (side + 1) // 2  # stride-2, pad-1 3x3 conv: ceil(s / 2)

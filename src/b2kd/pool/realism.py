@@ -40,7 +40,10 @@ def load_discriminator(generator_path: str | Path) -> torch.nn.Module:
         gen_cfg = read(generator_path, "generator")["config"]
         state = ckpt["discriminator"]
         spectral = any("parametrizations" in key for key in state)
-        disc = Discriminator(gen_cfg["image_size"], gen_cfg["channels"], spectral_norm=spectral)
+        # with dropout, the second convolution is layer 3 (conv, LeakyReLU, Dropout2d); without, 2
+        dropout = 0.25 if any(key.startswith("features.3.") for key in state) else 0.0
+        disc = Discriminator(gen_cfg["image_size"], gen_cfg["channels"], spectral_norm=spectral,
+                             dropout=dropout)
     else:
         raise CheckpointError(f"{path} holds a {ckpt['kind']}, expected a discriminator")
     disc.load_state_dict(state)
