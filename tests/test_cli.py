@@ -205,8 +205,13 @@ def distilled(toy_config, work, teacher_run, generator_run):
 
 def test_teacher_train_writes_checkpoint_with_metadata_and_config(teacher_run, tiny_npz):
     out, result = teacher_run
-    meta = read(out / "teacher.pt", "classifier")["meta"]
+    ckpt = read(out / "teacher.pt", "classifier")
+    meta = ckpt["meta"]
     assert meta["arch"] == "lenet5"
+    # trained with channels-last weights (b2kd.core.runtime.fast_layout); loaded in either layout
+    convs = [v for v in ckpt["state_dict"].values() if v.dim() == 4 and v.shape[1] > 1]
+    assert convs and all(v.is_contiguous(memory_format=torch.channels_last) for v in convs)
+    assert not any(v.is_contiguous() for v in convs)
     assert meta["dataset"] == "npz"
     assert meta["image_size"] == 28 and meta["channels"] == 1 and meta["num_classes"] == 10
     norm = meta["normalisation"]

@@ -23,6 +23,7 @@ from b2kd.core.checkpoint import atomic_save, load_resumed, module_checkpoint, r
 from b2kd.core.config import DeprivatizeConfig
 from b2kd.core.engine import epoch_generator
 from b2kd.core.grid import save_grid
+from b2kd.core.runtime import fast_layout
 from b2kd.deprivatize.losses import (
     gan_discriminator_loss,
     gan_generator_loss,
@@ -30,12 +31,6 @@ from b2kd.deprivatize.losses import (
 )
 from b2kd.edge import BlackBoxTeacher
 from b2kd.models import Discriminator, Generator, from_uint8, quantize_uint8
-
-
-def planned_queries(cfg: DeprivatizeConfig, num_private: int) -> int:
-    """Queries the schedule would make over the whole run, before the budget cap."""
-    steps = cfg.epochs * math.ceil(num_private / cfg.batch_size)
-    return math.ceil(steps / cfg.query_every) * cfg.query_batch
 
 
 @dataclass
@@ -54,8 +49,10 @@ class GAN:
               parallel=None) -> GAN:
         channels, size, _ = teacher.image_shape
         torch.manual_seed(seed)
-        gen = Generator(teacher.num_classes, size, channels, tuple(cfg.widths)).to(device)
-        disc = Discriminator(size, channels, spectral_norm=cfg.spectral_norm, dropout=cfg.d_dropout).to(device)
+        # channels-last weights: cheaper convolution steps on the CPU (b2kd.core.runtime.fast_layout)
+        gen = fast_layout(Generator(teacher.num_classes, size, channels, tuple(cfg.widths)).to(device))
+        disc = Discriminator(size, channels, spectral_norm=cfg.spectral_norm, dropout=cfg.d_dropout)
+        disc = fast_layout(disc.to(device))
         opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=tuple(cfg.betas))
         opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.d_lr or cfg.lr, betas=tuple(cfg.betas))
         sync_bn = parallel is not None and parallel.sync_batchnorm
