@@ -213,16 +213,19 @@ def test_two_process_teacher_training_equals_one_process(jobs):
     two, one = ([json.loads(line) for line in (root / d / "metrics.jsonl").read_text().splitlines()]
                 for d in ("teacher-two", "teacher-one"))
     assert [r["epoch"] for r in two] == [0, 1, 2, 3]  # written once, by rank 0
-    # the same batches and gradients: the first two epochs' mean losses agree to float precision;
-    # later the order of float sums is amplified where the loss falls off its plateau (measured:
-    # weights apart by up to 0.016 after 100 steps at lr 0.1, the distilled student by 1.5e-7)
+    # the same batches and gradients: the first two epochs' mean losses agree to float precision
+    # (channels-last kernels sum a half batch in another order than a whole one: measured 2e-6
+    # apart); later the order of float sums is amplified where the loss falls off its plateau
+    # (measured: weights apart by up to 0.016 after 100 steps at lr 0.1, the student by 1.5e-7)
     for epoch in (0, 1):
-        assert two[epoch]["loss"] == pytest.approx(one[epoch]["loss"], rel=1e-6)
+        assert two[epoch]["loss"] == pytest.approx(one[epoch]["loss"], rel=1e-5)
     for epoch in (2, 3):
         assert two[epoch]["loss"] == pytest.approx(one[epoch]["loss"], rel=1e-2)
     a, b = read(root / "teacher-two" / "teacher.pt"), read(root / "teacher-one" / "teacher.pt")
+    # after four epochs at lr 0.1 the amplified rounding leaves weights up to 0.065 apart (measured,
+    # channels-last; 0.016 in the default layout), against weights up to 1.7 in size
     for name in a["state_dict"]:
-        torch.testing.assert_close(a["state_dict"][name], b["state_dict"][name], atol=0.05, rtol=0, msg=name)
+        torch.testing.assert_close(a["state_dict"][name], b["state_dict"][name], atol=0.1, rtol=0, msg=name)
     assert b["meta"]["test_acc"] > 0.5  # a teacher worth distilling
     assert abs(a["meta"]["test_acc"] - b["meta"]["test_acc"]) <= 0.01  # 2 of the 200 test images
 
