@@ -29,6 +29,7 @@ RECIPE = {
     "distill.reuse_setup": True,
     "distill.local_unlabelled": True,
     "distill.unlabelled_threshold": 0.95,
+    "distill.unlabelled_ratio": 2.0,
     "distill.domain_mixup": 1.0,
     "distill.pool": "balanced",
     "distill.balance_neighbours": 0.1,

@@ -227,7 +227,9 @@ class DistillConfig(_Section):
     unlabelled_threshold: float = Field(
         0.95, ge=0, le=1, description="Confidence a pseudo-label needs to count")
     unlabelled_ratio: float = Field(
-        1.0, gt=0, description="Private images per step, as a multiple of batch_size")
+        2.0, gt=0,
+        description="Private images per step of the FixMatch term, as a multiple of batch_size (2 "
+                    "against 1: +0.51 dev points on Fashion-MNIST, a tie on MNIST; 3 seeds)")
     domain_mixup: float = Field(
         1.0, ge=0,
         description="With local_unlabelled: weight of the inter-domain mixup term (paid generator "
