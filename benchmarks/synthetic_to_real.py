@@ -44,6 +44,8 @@ GANS = {
     "sn15lr4nd": [*rates(4), "deprivatize.epochs=15", "deprivatize.d_dropout=0"],
     "sn20lr4nd": [*rates(4), "deprivatize.epochs=20", "deprivatize.d_dropout=0"],  # the default GAN
     "sn25lr4nd": [*rates(4), "deprivatize.epochs=25", "deprivatize.d_dropout=0"],
+    "sn20lr4ndq6": [*rates(4), "deprivatize.epochs=20", "deprivatize.d_dropout=0",
+                    "deprivatize.query_every=6"],  # the queries spread over all 20 epochs
     "sn15lr8": [*rates(8), "deprivatize.epochs=15"],
     "sn15lr2w": [*rates(2), "deprivatize.epochs=15", "deprivatize.widths=[128,64]"],  # full widths
     "sn15lr4b0": [*rates(4), "deprivatize.epochs=15", "deprivatize.betas=[0.0,0.99]"],  # SN-GAN's betas
@@ -64,6 +66,7 @@ VARIANTS = {
     "mekd-sn15lr4nd": ("sn15lr4nd", "mekd", []),  # the demo's configuration up to 15 epochs
     "mekd-sn20lr4nd": ("sn20lr4nd", "mekd", []),  # ... since 20 epochs
     "mekd-sn25lr4nd": ("sn25lr4nd", "mekd", []),
+    "mekd-sn20lr4ndq6": ("sn20lr4ndq6", "mekd", []),
     "mekd-sn15lr8": ("sn15lr8", "mekd", []),
     "mekd-sn15lr4b0": ("sn15lr4b0", "mekd", []),
     "mekd-sn25lr4": ("sn25lr4", "mekd", []),
