@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from toy import PLAIN_DISTILL
+from toy import PLAIN_DISTILL, assert_trained_channels_last
 from typer.testing import CliRunner
 
 import b2kd
@@ -208,10 +208,7 @@ def test_teacher_train_writes_checkpoint_with_metadata_and_config(teacher_run, t
     ckpt = read(out / "teacher.pt", "classifier")
     meta = ckpt["meta"]
     assert meta["arch"] == "lenet5"
-    # trained with channels-last weights (b2kd.core.runtime.fast_layout); loaded in either layout
-    convs = [v for v in ckpt["state_dict"].values() if v.dim() == 4 and v.shape[1] > 1]
-    assert convs and all(v.is_contiguous(memory_format=torch.channels_last) for v in convs)
-    assert not any(v.is_contiguous() for v in convs)
+    assert_trained_channels_last(ckpt["state_dict"])  # loaded in either layout (below)
     assert meta["dataset"] == "npz"
     assert meta["image_size"] == 28 and meta["channels"] == 1 and meta["num_classes"] == 10
     norm = meta["normalisation"]

@@ -222,8 +222,8 @@ def test_two_process_teacher_training_equals_one_process(jobs):
     for epoch in (2, 3):
         assert two[epoch]["loss"] == pytest.approx(one[epoch]["loss"], rel=1e-2)
     a, b = read(root / "teacher-two" / "teacher.pt"), read(root / "teacher-one" / "teacher.pt")
-    # after four epochs at lr 0.1 the amplified rounding leaves weights up to 0.065 apart (measured,
-    # channels-last; 0.016 in the default layout), against weights up to 1.7 in size
+    # after four epochs at lr 0.1 the amplified rounding leaves weights up to 0.065 apart (measured
+    # with channels-last kernels), against weights up to 1.7 in size
     for name in a["state_dict"]:
         torch.testing.assert_close(a["state_dict"][name], b["state_dict"][name], atol=0.1, rtol=0, msg=name)
     assert b["meta"]["test_acc"] > 0.5  # a teacher worth distilling

@@ -96,14 +96,14 @@ def test_the_gan_trains_channels_last_and_its_generator_loads_in_either_layout(t
     import copy
     from pathlib import Path
 
+    from toy import assert_trained_channels_last
+
     from b2kd.core.runtime import fast_layout
     from b2kd.models import load_generator
 
     state = read(Path(toy_runs["generator"]).parent / "checkpoints" / "gan_latest.pt", "gan_state")
     for module in ("generator", "discriminator"):
-        convs = [v for k, v in state[module].items() if v.dim() == 4 and v.shape[1] > 1]
-        assert convs and all(v.is_contiguous(memory_format=torch.channels_last) for v in convs)
-        assert not any(v.is_contiguous() for v in convs)
+        assert_trained_channels_last(state[module])
     gen, meta = load_generator(toy_runs["generator"])
     assert all(p.is_contiguous() for p in gen.parameters())
     z = torch.randn(8, meta["num_classes"], generator=torch.Generator().manual_seed(0))

@@ -41,3 +41,11 @@ def make_toy(root: Path, model: torch.nn.Module) -> Path:
                           "query_batch": 64, **PLAIN_DISTILL}}
     (root / "toy.yaml").write_text(yaml.safe_dump(config))
     return root
+
+
+def assert_trained_channels_last(state_dict: dict) -> None:
+    """The convolutions of a saved state dict (those with more than one input channel, whose two
+    layouts differ) hold channels-last weights (b2kd.core.runtime.fast_layout)."""
+    convs = [v for v in state_dict.values() if v.dim() == 4 and v.shape[1] > 1]
+    assert convs and all(v.is_contiguous(memory_format=torch.channels_last) for v in convs)
+    assert not any(v.is_contiguous() for v in convs)

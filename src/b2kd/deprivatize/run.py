@@ -49,7 +49,6 @@ class GAN:
               parallel=None) -> GAN:
         channels, size, _ = teacher.image_shape
         torch.manual_seed(seed)
-        # channels-last weights: cheaper convolution steps on the CPU (b2kd.core.runtime.fast_layout)
         gen = fast_layout(Generator(teacher.num_classes, size, channels, tuple(cfg.widths)).to(device))
         disc = Discriminator(size, channels, spectral_norm=cfg.spectral_norm, dropout=cfg.d_dropout)
         disc = fast_layout(disc.to(device))

@@ -34,7 +34,6 @@ def train_teacher(cfg: Config, out: str | Path, device: torch.device, log=print)
     train = load_dataset(d.dataset, "train", d.root, d.image_size, d.channels)
     test = load_dataset(d.dataset, "test", d.root, d.image_size, d.channels)
     torch.manual_seed(cfg.seed)
-    # channels-last weights: cheaper convolution steps on the CPU (b2kd.core.runtime.fast_layout)
     model = fast_layout(build_model(t.arch, train.num_classes, d.channels, d.image_size).to(device))
     trainee = distributed.wrap(model, device, cfg.distributed.sync_batchnorm)  # DDP under torchrun
     batch = t.batch_size * distributed.world_size()  # the effective batch: per rank x world size
