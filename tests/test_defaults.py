@@ -107,3 +107,32 @@ def test_bench_baselines_do_not_train_on_the_private_images():
             cfg = cell_config(bench, base, bench.gaps[0], spec, spec.responses[0], bench.budgets[0],
                               bench.seeds[0], None, None)
             assert cfg.distill.local_unlabelled is False, (path.name, spec.name)
+
+
+# what a bench file may set beside the demo's sizing: its length, and what its baselines need
+BENCH_SIZING = SIZING | {"distill.steps", "distill.warmup_steps", "distill.transfer_copies"}
+BASELINE_KEYS = {"distill.local_unlabelled", "distill.lr", "distill.dafl_steps", "distill.transfer_copies"}
+METHOD_BENCHES = ["bench-mnist-cpu.yaml", "bench-mnist-gap.yaml", "bench-fashion-cpu.yaml",
+                  "bench-fashion-main.yaml"]
+
+
+@pytest.mark.parametrize("name", METHOD_BENCHES)
+def test_bench_files_differ_from_the_demo_only_in_size(name):
+    """One recipe: a bench's MEKD cells train with the defaults; the file sizes the run and sets up
+    its baselines, never a tuned value of its own."""
+    from b2kd.bench.run import cell_config, load_bench
+
+    tree = yaml.safe_load((CONFIGS / name).read_text())
+    assert set(_flat(tree.get("set") or {})) <= BENCH_SIZING
+    bench, base = load_bench(CONFIGS / name)
+    for spec in bench.methods:
+        keys = set(_flat(spec.set)) | {k for r in spec.by_response.values() for k in _flat(r)}
+        assert keys <= (set() if spec.name == "mekd" else BASELINE_KEYS), (name, spec.name)
+        if spec.name != "mekd":
+            continue
+        for response in spec.responses:
+            cfg = cell_config(bench, base, bench.gaps[0], spec, response, bench.budgets[0], bench.seeds[0],
+                              None, None)
+            for key, value in RECIPE.items():
+                if key not in BENCH_SIZING | {"distill.response"}:
+                    assert _get(cfg, key) == value, (name, key)
