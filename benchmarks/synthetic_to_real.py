@@ -132,8 +132,13 @@ def dev_per_class(run: Path, cfg) -> list[float]:
 
 def tag(extra: list[str]) -> str:
     """The cell's name says its extra overrides, so a finished cell is never read back for another
-    setting: ["distill.domain_mixup=2"] -> "-domain_mixup2"."""
-    return "".join("-" + item.split(".")[-1].replace("=", "").replace("/", "_") for item in extra)
+    setting: ["distill.domain_mixup=2", "distill.unlabelled_threshold=0.8"] ->
+    "-domain_mixup2-unlabelled_threshold0.8"."""
+    names = []
+    for item in extra:
+        key, _, value = item.partition("=")
+        names.append("-" + key.split(".")[-1] + value.replace("/", "_"))
+    return "".join(names)
 
 
 def student(out: Path, variant: str, response: str, seed: int, dataset: str, teacher_path: str,
