@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from b2kd.core.config import load_config
+from b2kd.core.metrics import accuracy, per_class_accuracy
 from b2kd.data.edge_sets import edge_dev_set, edge_private_images
 from b2kd.models.load import load_classifier
 
@@ -44,10 +45,6 @@ def fit_biases(logits: torch.Tensor, target: torch.Tensor, steps: int = 100) -> 
         mean = torch.softmax(logits + b, 1).mean(0)
         b = b + 0.5 * (target.log() - mean.log())
     return b
-
-
-def per_class(pred: torch.Tensor, labels: torch.Tensor, classes: int) -> list[float]:
-    return [round(100 * (pred[labels == c] == c).float().mean().item(), 2) for c in range(classes)]
 
 
 def probe(cell: Path) -> list[dict]:
@@ -72,8 +69,8 @@ def probe(cell: Path) -> list[dict]:
         shifted = dev if target is None else dev + fit_biases(private, target.clamp_min(1e-4))
         pred = shifted.argmax(1)
         rows.append({"dataset": cfg.data.dataset, "cell": cell.name, "target": name,
-                     "dev_acc": round(100 * (pred == dev_y).float().mean().item(), 2),
-                     "dev_per_class": per_class(pred, dev_y, classes)})
+                     "dev_acc": round(100 * accuracy(pred, dev_y), 2),
+                     "dev_per_class": [round(100 * a, 2) for a in per_class_accuracy(pred, dev_y, classes)]})
     return rows
 
 
